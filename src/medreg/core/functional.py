@@ -1,0 +1,107 @@
+"""Small dimension-generic tensor helpers shared by transforms, losses and metrics."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medreg.core.grid import Grid
+
+
+def spatial_gradient(x: Tensor, spacing: Sequence[float] | None = None) -> Tensor:
+    """Central-difference derivatives along each spatial axis.
+
+    Args:
+        x: ``(N, C, *shape)``.
+        spacing: voxel size per axis in ``(x, y, z)`` order (mm); default 1.
+
+    Returns:
+        ``(N, C, D, *shape)`` with derivative components in ``(x, y, z)`` order
+        (one-sided differences at the borders, as ``numpy.gradient``).
+    """
+    d = x.dim() - 2
+    spacing = [1.0] * d if spacing is None else list(spacing)
+    grads = []
+    for comp in range(d):  # comp 0 = x = last tensor axis
+        axis = x.dim() - 1 - comp
+        n = x.shape[axis]
+        if n < 2:
+            grads.append(torch.zeros_like(x))
+            continue
+        g = torch.empty_like(x)
+        inner = (x.narrow(axis, 2, n - 2) - x.narrow(axis, 0, n - 2)) / (2 * spacing[comp])
+        g.narrow(axis, 1, n - 2).copy_(inner)
+        g.narrow(axis, 0, 1).copy_((x.narrow(axis, 1, 1) - x.narrow(axis, 0, 1)) / spacing[comp])
+        g.narrow(axis, n - 1, 1).copy_(
+            (x.narrow(axis, n - 1, 1) - x.narrow(axis, n - 2, 1)) / spacing[comp])
+        grads.append(g)
+    return torch.stack(grads, dim=2)
+
+
+def jacobian_matrix(displacement: Tensor, grid: Grid) -> Tensor:
+    """Jacobian of ``x ↦ x + u(x)`` for a world displacement on ``grid``.
+
+    Args:
+        displacement: ``(N, D, *grid.shape)``, world (LPS mm) components in ``(x, y, z)`` order.
+        grid: the grid the field is sampled on (spacing and direction are honoured).
+
+    Returns:
+        ``(N, D, D, *shape)``: ``J[:, i, j] = δ_ij + ∂u_i/∂x_j`` with ``x`` in world mm.
+    """
+    d = grid.ndim
+    du_di = spatial_gradient(displacement)  # (N, D, D_index, *shape), per index step
+    index_from_world = grid.matrix("world", "index", dtype=displacement.dtype,
+                                   device=displacement.device)[:d, :d]
+    # ∂u/∂x = ∂u/∂i · ∂i/∂x
+    du_dx = torch.einsum("nik...,kj->nij...", du_di, index_from_world)
+    eye = torch.eye(d, dtype=displacement.dtype, device=displacement.device)
+    return du_dx + eye.view(1, d, d, *([1] * d))
+
+
+def jacobian_det(displacement: Tensor, grid: Grid) -> Tensor:
+    """Determinant of :func:`jacobian_matrix`, ``(N, *shape)``."""
+    jac = jacobian_matrix(displacement, grid)
+    return torch.linalg.det(jac.movedim(1, -1).movedim(1, -1))
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 3.0, *, dtype=torch.float32,
+                      device=None) -> Tensor:
+    """Normalised 1D Gaussian kernel with ``sigma`` in voxels (odd length)."""
+    radius = max(1, int(truncate * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (x / max(sigma, 1e-8)) ** 2)
+    return k / k.sum()
+
+
+def separable_filter(x: Tensor, kernels: Sequence[Tensor | None], padding: str = "replicate") -> Tensor:
+    """Filter ``(N, C, *shape)`` with one 1D kernel per axis (``(x, y, z)`` order; None skips)."""
+    d = x.dim() - 2
+    n, c = x.shape[:2]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    out = x
+    for comp, k in enumerate(kernels):
+        if k is None or k.numel() == 1:
+            continue
+        axis = d - 1 - comp  # spatial axis index in tensor order
+        shape = [1] * d
+        shape[axis] = k.numel()
+        weight = k.to(out).reshape(1, 1, *shape).repeat(c, 1, *([1] * d))
+        pad = [0] * (2 * d)
+        r = k.numel() // 2
+        # F.pad lists the last axis first
+        pad[2 * (d - 1 - axis)] = r
+        pad[2 * (d - 1 - axis) + 1] = r
+        out = conv(F.pad(out, pad, mode=padding), weight, groups=c)
+    return out
+
+
+def gaussian_smooth(x: Tensor, sigma_mm: float | Sequence[float], spacing: Sequence[float]) -> Tensor:
+    """Gaussian smoothing of ``(N, C, *shape)`` with ``sigma`` in mm (per axis ``x, y, z``)."""
+    d = x.dim() - 2
+    sig = [float(sigma_mm)] * d if isinstance(sigma_mm, (int, float)) else list(sigma_mm)
+    kernels = [gaussian_kernel1d(s / sp, dtype=x.dtype, device=x.device) if s > 0 else None
+               for s, sp in zip(sig, spacing)]
+    return separable_filter(x, kernels)

@@ -1,0 +1,560 @@
+r"""Reading and writing images: NIfTI/MGH through nibabel, ITK formats and DICOM through SimpleITK.
+
+Everything returned follows medreg's conventions (see :mod:`medreg.core`):
+
+* the :class:`~medreg.core.grid.Grid` is in **LPS millimetres** with ``size``, ``spacing`` and
+  ``origin`` in ITK order ``(x, y, z)``;
+* the voxel tensor is ``(C, z, y, x)`` (``(C, y, x)`` in 2D), channels first.
+
+NIfTI's RAS world frame is converted here and nowhere else:
+``world_lps = diag(-1, -1, 1) @ world_ras``.
+
+Which NIfTI header transform is used (nibabel's ``get_best_affine`` semantics):
+
+1. the **sform** when ``sform_code > 0``;
+2. else the **qform** when ``qform_code > 0``;
+3. else (no orientation at all, NIfTI "method 1") what ITK does: spacing ``pixdim``, origin 0,
+   identity direction in LPS; a warning says so.
+
+ITK 5.4 (SimpleITK, ANTs) uses the qform when the sform's code is not 1 (scanner): for files
+whose sform and qform disagree the two libraries then differ, and :func:`read_image` warns.
+Spatial units ``meter`` and ``micron`` are converted to mm, as ITK does.
+
+Dimensions:
+
+* a NIfTI whose header says ``dim[0] == 2`` is 2D; a 3D volume of shape ``(X, Y, 1)`` stays 3D;
+* 4D ``(X, Y, Z, T)`` with ``T == 1`` is 3D; ``T > 1`` volumes become channels only with
+  ``allow_channels=True``;
+* 5D ``(X, Y, Z, 1, C)`` (ITK's vector images, e.g. displacement fields) has ``C`` channels, and is
+  2D when ``Z == 1``, exactly as ITK reads it;
+* ITK multi-component pixels (vector/RGB images) and SimpleITK 4D images become channels only with
+  ``allow_channels=True``.
+
+Data types: integer data stays integer (label maps), NIfTI ``scl_slope``/``scl_inter`` scaling
+may turn it into floats (as nibabel does). Types torch lacks or handles poorly are widened:
+``uint16 → int32``, ``uint32/uint64 → int64``, ``bool → uint8``, ``float16 → float32``,
+``longdouble → float64``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+from nibabel.filebasedimages import ImageFileError
+
+from medreg.core.errors import GeometryError, InputError
+from medreg.core.enums import Frame
+from medreg.core.grid import Grid
+from medreg.core.image import Image
+
+__all__ = [
+    "read_image",
+    "write_image",
+    "image_info",
+    "grid_from_sitk",
+    "set_sitk_geometry",
+    "grid_from_nifti_affine",
+    "nifti_affine_from_grid",
+    "NIBABEL_SUFFIXES",
+]
+
+#: File name endings read and written with nibabel (everything else goes to SimpleITK).
+NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+
+#: diag(-1, -1, 1, 1): converts homogeneous RAS coordinates to LPS and back (its own inverse).
+_RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: NIfTI spatial units → factor to mm (ITK converts the same ones).
+_UNIT_TO_MM = {"meter": 1000.0, "micron": 1e-3}
+
+#: Largest distance (mm, or direction-cosine difference) at which sform and qform "agree".
+_FORM_TOLERANCE = 1e-3
+
+#: numpy dtypes torch lacks or handles poorly → the smallest type that holds every value.
+_WIDEN = {
+    np.dtype(np.bool_): np.dtype(np.uint8),
+    np.dtype(np.uint16): np.dtype(np.int32),
+    np.dtype(np.uint32): np.dtype(np.int64),
+    np.dtype(np.uint64): np.dtype(np.int64),
+    np.dtype(np.float16): np.dtype(np.float32),
+    np.dtype(np.longdouble): np.dtype(np.float64),
+}
+
+_SUPPORTED = (".nii, .nii.gz, .mgz, .mgh (nibabel); .mha, .mhd, .nrrd, .nhdr and other ITK "
+              "formats, DICOM files or series folders (SimpleITK)")
+
+
+# ---------------------------------------------------------------------------------- geometry
+def grid_from_nifti_affine(affine: np.ndarray, size: tuple[int, ...] | list[int],
+                           name: str = "<nifti>") -> Grid:
+    """Grid from a NIfTI voxel-to-world matrix (RAS mm).
+
+    Args:
+        affine: ``4×4`` matrix mapping voxel index ``(i, j, k, 1)`` to RAS mm (an sform, qform or
+            nibabel ``img.affine``).
+        size: voxels per axis ``(x, y)`` or ``(x, y, z)``; a 2D grid uses the first two columns
+            (the in-plane axes) of ``affine``.
+        name: file name used in error messages.
+
+    Returns:
+        The grid in LPS mm; spacing is the norm of each column, direction the normalised columns.
+
+    Raises:
+        GeometryError: for a singular, sheared or (2D) out-of-plane affine.
+    """
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise GeometryError(f"{name}: the voxel-to-world matrix must be a finite 4x4 matrix")
+    ndim = len(size)
+    lps = _RAS_LPS @ aff
+    cols = lps[:3, :ndim]
+    spacing = np.linalg.norm(cols, axis=0)
+    if np.any(spacing <= 0):
+        raise GeometryError(f"{name}: the voxel-to-world matrix is singular (an axis has zero "
+                            "length); fix the header (sform/qform) before using the image")
+    direction = (cols / spacing)[:ndim, :]
+    try:
+        return Grid(tuple(size), spacing.tolist(), lps[:ndim, 3].tolist(), direction)
+    except GeometryError as exc:
+        extra = " (a 2D image must lie in the x-y plane of the world)" if ndim == 2 else ""
+        raise GeometryError(f"{name}: {exc}{extra}") from None
+
+
+def nifti_affine_from_grid(grid: Grid) -> np.ndarray:
+    """The NIfTI voxel-to-RAS ``4×4`` matrix of a grid (2D grids get a 1 mm, axial third axis).
+
+    Inverse of :func:`grid_from_nifti_affine`.
+    """
+    lps = np.eye(4)
+    d = grid.ndim
+    world_from_index = grid.matrix_np(Frame.INDEX, Frame.WORLD)
+    lps[:d, :d] = world_from_index[:d, :d]
+    lps[:d, 3] = world_from_index[:d, d]
+    return _RAS_LPS @ lps
+
+
+def grid_from_sitk(img: sitk.Image, name: str = "<sitk image>") -> Grid:
+    """Grid of a 2D or 3D SimpleITK image (ITK's geometry is LPS already: copied as is).
+
+    Raises:
+        GeometryError: for other dimensions or an invalid direction.
+    """
+    dim = img.GetDimension()
+    if dim not in (2, 3):
+        raise GeometryError(f"{name}: a {dim}D image has no 2D/3D grid")
+    try:
+        return Grid(img.GetSize(), img.GetSpacing(), img.GetOrigin(),
+                    np.asarray(img.GetDirection()).reshape(dim, dim))
+    except GeometryError as exc:
+        raise GeometryError(f"{name}: {exc}") from None
+
+
+def set_sitk_geometry(img: sitk.Image, grid: Grid) -> sitk.Image:
+    """Set spacing, origin and direction of ``img`` from ``grid`` (in place); returns ``img``.
+
+    Raises:
+        GeometryError: if the image's size differs from the grid's.
+    """
+    if tuple(img.GetSize()) != grid.size:
+        raise GeometryError(f"SimpleITK image of size {img.GetSize()} does not match {grid}")
+    img.SetSpacing(grid.spacing)
+    img.SetOrigin(grid.origin)
+    img.SetDirection(tuple(float(v) for v in grid.direction.ravel()))
+    return img
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _suffix(path: Path) -> str:
+    """Lower-case file ending, with ``.nii.gz`` as one ending."""
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def _reason(exc: BaseException) -> str:
+    """Last meaningful line of a library error (SimpleITK's messages span several lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    for prefix in ("sitk::ERROR:", "ITK ERROR:"):
+        text = text.replace(prefix, "").strip()
+    return text
+
+
+def _channels_error(name: str, count: int, what: str) -> InputError:
+    return InputError(
+        f"{name}: {what} ({count} of them); medreg reads single 2D/3D images. Pass "
+        "allow_channels=True to read them as channels, or split the file into single volumes"
+    )
+
+
+def _torch_ready(arr: np.ndarray, name: str) -> np.ndarray:
+    """Native byte order and a dtype torch holds, without losing values."""
+    if np.iscomplexobj(arr):
+        raise InputError(f"{name}: complex-valued data is not supported; save the magnitude "
+                         "(or real/imaginary parts as separate images) instead")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{name}: voxel type {arr.dtype} is not a number type")
+    native = arr.dtype.newbyteorder("=")
+    target = _WIDEN.get(native, native)
+    if native == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{name}: uint64 values above 2**63-1 do not fit any torch type")
+    return np.ascontiguousarray(arr, dtype=target)
+
+
+def _check_integral(data: torch.Tensor, name: str, why: str) -> None:
+    """Raise unless every value of a float tensor is a (finite) integer."""
+    bad = int((data != torch.round(data)).sum()) + int((~torch.isfinite(data)).sum())
+    if bad:
+        raise InputError(f"{name}: {why}, but {bad} of {data.numel()} voxels are not whole "
+                         "numbers; is this really a label map?")
+
+
+def _label_dtype(data: torch.Tensor) -> torch.dtype:
+    """int32 when every value fits, else int64."""
+    info = torch.iinfo(torch.int32)
+    if data.numel() == 0 or (data.min() >= info.min and data.max() <= info.max):
+        return torch.int32
+    return torch.int64
+
+
+def _finish(arr: np.ndarray, grid: Grid, name: str, *, dtype: torch.dtype | None, label: bool,
+            allow_nan: bool) -> Image:
+    """``(C, *grid.shape)`` numpy voxels → Image, with the checks shared by every format."""
+    data = torch.from_numpy(_torch_ready(arr, name))
+    if data.is_floating_point():
+        nonfinite = int((~torch.isfinite(data)).sum())
+        if nonfinite and not allow_nan:
+            raise InputError(f"{name}: {nonfinite} of {data.numel()} voxels are NaN or infinite; "
+                             "fix the image (e.g. set them to 0) or pass allow_nan=True")
+    if label:
+        if data.is_floating_point():
+            _check_integral(data, name, "label=True asks for a label map")
+            data = data.to(_label_dtype(data))
+        if dtype is not None and (dtype.is_floating_point or dtype.is_complex):
+            raise InputError(f"{name}: label=True contradicts dtype={dtype}")
+    if dtype is not None and dtype != data.dtype:
+        if data.is_floating_point() and not (dtype.is_floating_point or dtype.is_complex):
+            _check_integral(data, name, f"dtype={dtype} asks for integers")
+        data = data.to(dtype)
+    return Image(data, grid, name)
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied")
+
+
+# ---------------------------------------------------------------------------------- nibabel
+def _nifti_affine(img: Any, name: str) -> np.ndarray:
+    """The RAS voxel-to-world matrix of a nibabel image, in mm (see the module docstring)."""
+    hdr = img.header
+    if not hasattr(hdr, "get_sform"):  # MGH and other nibabel formats: one affine, in mm
+        return np.asarray(img.affine, dtype=np.float64)
+    sform, scode = hdr.get_sform(coded=True)
+    qform, qcode = hdr.get_qform(coded=True)
+    if scode > 0:
+        aff = sform
+        if qcode > 0 and not np.allclose(sform, qform, atol=_FORM_TOLERANCE):
+            diff = np.abs(sform - qform).max()
+            warnings.warn(f"{name}: sform and qform differ (up to {diff:.3g}); medreg uses the "
+                          "sform (as nibabel, FSL); ITK-based tools may use the qform",
+                          stacklevel=4)
+    elif qcode > 0:
+        aff = qform
+    else:
+        zooms = [float(z) if z > 0 else 1.0 for z in hdr.get_zooms()[:3]]
+        zooms += [1.0] * (3 - len(zooms))
+        aff = _RAS_LPS @ np.diag(zooms + [1.0])
+        warnings.warn(f"{name}: the NIfTI header has no orientation (sform and qform codes 0); "
+                      "assuming identity LPS direction and origin 0, as ITK does", stacklevel=4)
+    aff = np.array(aff, dtype=np.float64)
+    unit = hdr.get_xyzt_units()[0]
+    if unit in _UNIT_TO_MM:
+        aff[:3, :] *= _UNIT_TO_MM[unit]
+    return aff
+
+
+def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid]:
+    name = str(path)
+    try:
+        img = nib.load(name, mmap=False)  # a memory map would tie the tensor to the file
+        shape = tuple(int(s) for s in img.shape)
+        affine = _nifti_affine(img, name)
+        arr = np.asanyarray(img.dataobj)
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:  # nibabel raises many types for damaged or foreign files
+        raise InputError(f"{name}: cannot read the image ({_reason(exc)}); is it a valid "
+                         f"{_suffix(path)} file? Supported: {_SUPPORTED}") from None
+    what = "vector components"
+    if arr.dtype.names:  # RGB(A) NIfTI: structured voxels → ITK's vector layout (X, Y, Z, 1, C)
+        if len(shape) > 3:
+            raise InputError(f"{name}: {len(shape)}D RGB data is not supported")
+        arr = np.stack([arr[f] for f in arr.dtype.names], axis=-1)
+        arr = arr.reshape(shape + (1,) * (3 - len(shape)) + (1, arr.shape[-1]))
+        shape, what = arr.shape, "RGB components"
+
+    if len(shape) < 2:
+        raise InputError(f"{name}: {len(shape)}D data; medreg needs 2D or 3D images")
+    if len(shape) in (2, 3):  # dim[0] == 2 is 2D; (X, Y, 1) stays 3D
+        arr = arr[..., None]
+        spatial = len(shape)
+    elif len(shape) == 4:  # (X, Y, Z, T)
+        if shape[3] > 1 and not allow_channels:
+            raise _channels_error(name, shape[3], "the file is 4D with several volumes")
+        spatial = 3
+    elif len(shape) == 5:  # (X, Y, Z, T, C): ITK's vector images
+        if shape[3] != 1:
+            raise InputError(f"{name}: 5D data with {shape[3]} time points of {shape[4]}-vectors "
+                             "is not supported; split the time series first")
+        if shape[4] > 1 and not allow_channels:
+            raise _channels_error(name, shape[4], f"the voxels have several {what}")
+        spatial = 2 if shape[2] == 1 else 3
+        arr = arr.reshape(shape[:spatial] + (shape[4],))
+    else:
+        raise InputError(f"{name}: {len(shape)}D data is not supported; medreg needs 2D or 3D")
+    grid = grid_from_nifti_affine(affine, arr.shape[:spatial], name)
+    # (x, y[, z], C) → (C, [z,] y, x)
+    return np.transpose(arr, tuple(range(spatial, -1, -1))), grid
+
+
+# ---------------------------------------------------------------------------------- SimpleITK
+def _read_sitk_image(path: Path, series_id: str | None) -> sitk.Image:
+    name = str(path)
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            ids = reader.GetGDCMSeriesIDs(name)
+            if not ids:
+                raise InputError(f"{name}: a folder, but no DICOM series was found in it; give "
+                                 "an image file or a folder of DICOM slices")
+            if series_id is None:
+                if len(ids) > 1:
+                    raise InputError(f"{name}: the folder holds {len(ids)} DICOM series "
+                                     f"({', '.join(ids)}); choose one with series_id= "
+                                     "(medreg info: --series)")
+                series_id = ids[0]
+            elif series_id not in ids:
+                raise InputError(f"{name}: no DICOM series {series_id!r}; the folder holds "
+                                 f"{', '.join(ids)}")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(name, series_id))
+            return reader.Execute()
+        return sitk.ReadImage(name)
+    except RuntimeError as exc:
+        raise InputError(f"{name}: cannot read the image ({_reason(exc)}); supported: "
+                         f"{_SUPPORTED}") from None
+
+
+def _read_sitk(path: Path, allow_channels: bool, series_id: str | None
+               ) -> tuple[np.ndarray, Grid]:
+    name = str(path)
+    img = _read_sitk_image(path, series_id)
+    dim = img.GetDimension()
+    comps = img.GetNumberOfComponentsPerPixel()
+    if comps > 1 and not allow_channels:
+        raise _channels_error(name, comps, "the voxels have several components")
+    arr = sitk.GetArrayViewFromImage(img)  # (z, y, x[, C]) or (t, z, y, x[, C])
+    arr = np.moveaxis(arr, -1, 0) if comps > 1 else arr[None]
+    if dim == 4:
+        size, spacing, origin = img.GetSize(), img.GetSpacing(), img.GetOrigin()
+        d4 = np.asarray(img.GetDirection()).reshape(4, 4)
+        if np.abs(d4[:3, 3]).max() > 1e-6 or np.abs(d4[3, :3]).max() > 1e-6:
+            raise GeometryError(f"{name}: the 4th axis of this 4D image is not separate from "
+                                "space; cannot read it as a 3D image")
+        if size[3] > 1 and comps > 1:
+            raise InputError(f"{name}: 4D images of multi-component voxels are not supported")
+        if size[3] > 1 and not allow_channels:
+            raise _channels_error(name, size[3], "the file is 4D with several volumes")
+        arr = arr.reshape((-1,) + tuple(arr.shape[2:]))  # (t, z, y, x)
+        try:
+            grid = Grid(size[:3], spacing[:3], origin[:3], d4[:3, :3])
+        except GeometryError as exc:
+            raise GeometryError(f"{name}: {exc}") from None
+    elif dim in (2, 3):
+        grid = grid_from_sitk(img, name)
+    else:
+        raise InputError(f"{name}: {dim}D data; medreg needs 2D or 3D images")
+    return np.array(arr), grid  # own the memory (the view dies with img)
+
+
+# ---------------------------------------------------------------------------------- public API
+def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None, label: bool = False,
+               allow_channels: bool = False, allow_nan: bool = False,
+               series_id: str | None = None) -> Image:
+    """Read an image file (or a DICOM series folder) into an :class:`Image` in LPS mm.
+
+    NIfTI (``.nii``, ``.nii.gz``) and FreeSurfer MGH (``.mgz``, ``.mgh``) are read with nibabel;
+    MetaImage, NRRD, DICOM (a ``.dcm`` file or a folder of one series) and the other ITK formats
+    with SimpleITK. See the module docstring for the header, dimension and dtype rules.
+
+    Args:
+        path: the file, or a folder of DICOM slices.
+        dtype: cast the voxels to this torch dtype (a float → integer cast requires whole numbers).
+        label: the image is a label map: float voxels must be whole numbers and become ``int32``
+            (``int64`` if needed); integer voxels keep their type.
+        allow_channels: read 4D volumes and multi-component (vector, RGB) voxels as channels.
+        allow_nan: accept NaN/infinite voxels (otherwise an error gives their count).
+        series_id: the DICOM series to read when a folder holds several.
+
+    Returns:
+        ``Image`` with data ``(C, z, y, x)`` (``(C, y, x)`` in 2D) and its grid in LPS mm.
+
+    Raises:
+        InputError: missing or unreadable file, unknown format, unsupported dimension, complex
+            data, several volumes or components without ``allow_channels``, NaN/Inf voxels
+            without ``allow_nan``, non-integral labels. The message names the file.
+        GeometryError: sheared or singular orientation in the header.
+    """
+    path = Path(path)
+    _check_readable(path)
+    name = str(path)
+    if path.is_file() and _suffix(path) in NIBABEL_SUFFIXES:
+        arr, grid = _read_nibabel(path, allow_channels)
+    else:
+        arr, grid = _read_sitk(path, allow_channels, series_id)
+    return _finish(arr, grid, name, dtype=dtype, label=label, allow_nan=allow_nan)
+
+
+def _numpy_for_writing(image: Image, path: Path) -> np.ndarray:
+    """``(C, *shape)`` voxels as numpy, in a type every reader accepts."""
+    data = image.data.detach().cpu()
+    if data.is_complex():
+        raise InputError(f"{path}: cannot write complex-valued data")
+    if data.dtype == torch.bool:
+        data = data.to(torch.uint8)
+    elif data.dtype in (torch.float16, torch.bfloat16):
+        data = data.to(torch.float32)
+    elif data.dtype == torch.int64:
+        info = torch.iinfo(torch.int32)
+        if data.numel() == 0 or (data.min() >= info.min and data.max() <= info.max):
+            data = data.to(torch.int32)  # int64 NIfTI/ITK files are poorly supported elsewhere
+    return data.numpy()
+
+
+def _write_nibabel(arr: np.ndarray, grid: Grid, path: Path, suffix: str) -> None:
+    channels, d = arr.shape[0], grid.ndim
+    # (C, [z,] y, x) → (x, y[, z], C)
+    xyz = np.transpose(arr, tuple(range(d, -1, -1)))
+    affine = nifti_affine_from_grid(grid)
+    if suffix in (".mgz", ".mgh"):
+        if d != 3:
+            raise InputError(f"{path}: MGH files hold 3D images; use .nii.gz for 2D")
+        mgh_types = {np.dtype(np.int8): np.int16, np.dtype(np.uint16): np.int32,
+                     np.dtype(np.float64): np.float32}
+        xyz = xyz.astype(mgh_types.get(xyz.dtype, xyz.dtype), copy=False)
+        if xyz.dtype not in (np.uint8, np.int16, np.int32, np.float32):
+            raise InputError(f"{path}: MGH cannot store {xyz.dtype} voxels; use .nii.gz")
+        out = nib.MGHImage(xyz if channels > 1 else xyz[..., 0], affine)
+    else:
+        if channels > 1:  # ITK's vector layout: (X, Y, Z, 1, C), Z = 1 in 2D
+            vec = xyz.reshape(xyz.shape[:d] + (1,) * (3 - d) + (1, channels))
+            out = nib.Nifti1Image(vec, affine, dtype=vec.dtype)
+            out.header.set_intent("vector")
+        else:
+            out = nib.Nifti1Image(xyz[..., 0], affine, dtype=xyz.dtype)
+        out.set_sform(affine, code=1)
+        out.set_qform(affine, code=1)
+        out.header.set_xyzt_units("mm")
+    nib.save(out, str(path))
+
+
+def _write_sitk(arr: np.ndarray, grid: Grid, path: Path) -> None:
+    channels = arr.shape[0]
+    if channels > 1:
+        img = sitk.GetImageFromArray(np.moveaxis(arr, 0, -1), isVector=True)
+    else:
+        img = sitk.GetImageFromArray(arr[0])
+    set_sitk_geometry(img, grid)
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Write an image; the format follows the file ending.
+
+    ``.nii``/``.nii.gz`` are written with nibabel, sform and qform both set to the grid's
+    voxel-to-RAS matrix with code 1 (scanner), units mm. Single-channel images are 2D/3D files;
+    multi-channel images are ITK vector images (NIfTI 5D ``(X, Y, Z, 1, C)``, intent "vector";
+    a 2D image has ``Z = 1``). ``.mgz``/``.mgh`` go through nibabel (3D only; float64 becomes
+    float32), every other ending (``.mha``, ``.mhd``, ``.nrrd``, ...) through SimpleITK with
+    compression. ``int64`` voxels are stored as ``int32`` when they fit, ``bool`` as ``uint8``,
+    half floats as ``float32``.
+
+    Args:
+        image: the image (any device; gradients are ignored).
+        path: output file; its folder must exist.
+        overwrite: replace an existing file (``False``: raise instead).
+
+    Raises:
+        InputError: missing folder, existing file with ``overwrite=False``, a format that cannot
+            store the image, or a failed write.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: the folder {parent} does not exist; create it first")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name such as out.nii.gz")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists already; remove it or allow overwriting")
+    arr = _numpy_for_writing(image, path)
+    suffix = _suffix(path)
+    try:
+        if suffix in NIBABEL_SUFFIXES:
+            _write_nibabel(arr, image.grid, path, suffix)
+        else:
+            _write_sitk(arr, image.grid, path)
+    except (RuntimeError, OSError, ValueError, ImageFileError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path}: cannot write the image ({_reason(exc)}); use one of .nii.gz, "
+                         ".nii, .mha, .nrrd") from None
+
+
+def image_info(image: Image) -> dict[str, Any]:
+    """Summary of an image (JSON-serialisable), as printed by ``medreg info``.
+
+    Returns:
+        ``name``, ``ndim``, ``size``/``spacing``/``origin`` (``x, y, z``; mm, LPS), ``direction``
+        (rows of the matrix whose columns are the index axes in LPS), ``orientation`` (axis codes
+        as nibabel's ``aff2axcodes``), ``dtype``, ``channels``, ``min``/``max`` over finite
+        voxels (``None`` if there are none) and ``nonfinite`` (count of NaN/infinite voxels).
+    """
+    data = image.data
+    grid = image.grid
+    if data.is_floating_point():
+        finite = torch.isfinite(data)
+        nonfinite = int(data.numel() - finite.sum())
+        values = data[finite] if nonfinite else data
+    else:
+        nonfinite, values = 0, data
+    if values.numel():
+        lo, hi = values.min().item(), values.max().item()
+        if isinstance(lo, float):
+            lo, hi = (v if math.isfinite(v) else None for v in (lo, hi))
+    else:
+        lo = hi = None
+    return {
+        "name": image.name,
+        "ndim": grid.ndim,
+        "size": list(grid.size),
+        "spacing": list(grid.spacing),
+        "origin": list(grid.origin),
+        "direction": grid.direction.tolist(),
+        "orientation": grid.orientation(),
+        "dtype": str(data.dtype).replace("torch.", ""),
+        "channels": image.channels,
+        "min": lo,
+        "max": hi,
+        "nonfinite": nonfinite,
+    }

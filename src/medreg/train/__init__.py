@@ -1,0 +1,1 @@
+"""medreg.train"""

@@ -1,0 +1,154 @@
+"""Base class and composition of spatial transforms.
+
+Convention:
+    A transform maps world points (LPS mm) of the **fixed** image's space to the **moving**
+    image's space (pull back): ``warped(x) = moving(T(x))``. Points are ``(..., D)`` tensors with
+    components in ``(x, y, z)`` order; displacements are ``(N, D, *grid.shape)`` in world mm.
+    :class:`Compose` follows ITK's composite order: ``Compose(A, B)(x) = A(B(x))`` — the last
+    listed transform is applied first, as ``antsApplyTransforms -t A -t B``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from medreg.core.errors import GeometryError
+from medreg.core.functional import jacobian_det as _jacobian_det_field
+from medreg.core.grid import Grid
+
+
+class SpatialTransform(nn.Module):
+    """A differentiable map of world points, fixed → moving.
+
+    Subclasses implement :meth:`forward`; those with a dense representation override
+    :meth:`displacement` for speed. Device and dtype follow the parameters and buffers.
+    """
+
+    def __init__(self, ndim: int) -> None:
+        super().__init__()
+        if ndim not in (2, 3):
+            raise GeometryError(f"transforms are 2D or 3D, got ndim={ndim}")
+        self.ndim = ndim
+
+    def _set_tensor(self, name: str, value: Tensor, trainable: bool) -> None:
+        """Register ``value`` as a parameter (``trainable``: a fresh leaf with gradients) or
+        as a buffer kept as given — so a tensor computed by a network keeps its graph."""
+        if trainable:
+            self.register_parameter(name, nn.Parameter(value.detach().clone()))
+        else:
+            self.register_buffer(name, value)
+
+    def requires_grad(self) -> bool:
+        """True if any of the transform's tensors carries gradients (a parameter or a graph)."""
+        return any(t.requires_grad for t in list(self.parameters()) + list(self.buffers()))
+
+    # -- device/dtype of the transform's own tensors
+    def _ref(self) -> tuple[torch.dtype, torch.device]:
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.is_floating_point():
+                return t.dtype, t.device
+        return torch.float32, torch.device("cpu")
+
+    def forward(self, points: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Map points ``(..., D)`` in world mm (fixed space) to moving space."""
+        raise NotImplementedError
+
+    def check_points(self, points: Tensor) -> None:
+        if points.shape[-1] != self.ndim:
+            raise GeometryError(
+                f"a {self.ndim}D transform cannot map {points.shape[-1]}D points"
+            )
+
+    def check_grid(self, grid: Grid) -> None:
+        if grid.ndim != self.ndim:
+            raise GeometryError(f"a {self.ndim}D transform cannot be applied on a {grid.ndim}D grid")
+
+    def mapped_points(self, grid: Grid, dtype: torch.dtype | None = None) -> Tensor:
+        """``T(x)`` for every voxel centre ``x`` of ``grid``: ``(N, *grid.shape, D)`` world mm.
+
+        ``dtype`` sets the precision of the coordinates (default: the transform's).
+        """
+        self.check_grid(grid)
+        ref_dtype, device = self._ref()
+        pts = grid.points(dtype=dtype or ref_dtype, device=device)
+        out = self.forward(pts)
+        return out if out.dim() == grid.ndim + 2 else out.unsqueeze(0)
+
+    def displacement(self, grid: Grid) -> Tensor:
+        """``T(x) − x`` on ``grid``: ``(N, D, *grid.shape)`` in world mm, components x, y, z."""
+        self.check_grid(grid)
+        dtype, device = self._ref()
+        pts = grid.points(dtype=dtype, device=device)
+        return (self.mapped_points(grid) - pts).movedim(-1, 1)
+
+    def inverse(self) -> "SpatialTransform":
+        """The inverse transform (exact for linear and SVF; see subclasses)."""
+        raise NotImplementedError(f"{type(self).__name__} has no inverse")
+
+    def jacobian_det(self, grid: Grid) -> Tensor:
+        """det of the Jacobian of ``T`` on ``grid`` (world mm), ``(N, *grid.shape)``."""
+        return _jacobian_det_field(self.displacement(grid), grid)
+
+    def __matmul__(self, other: "SpatialTransform") -> "Compose":
+        """``A @ B`` is ``Compose(A, B)``: apply ``B`` first."""
+        return Compose(self, other)
+
+
+class Identity(SpatialTransform):
+    """``T(x) = x``."""
+
+    def forward(self, points: Tensor) -> Tensor:
+        self.check_points(points)
+        return points
+
+    def displacement(self, grid: Grid) -> Tensor:
+        self.check_grid(grid)
+        dtype, device = self._ref()
+        return torch.zeros((1, grid.ndim, *grid.shape), dtype=dtype, device=device)
+
+    def inverse(self) -> "Identity":
+        return Identity(self.ndim)
+
+
+class Compose(SpatialTransform):
+    """``Compose(T1, …, Tn)(x) = T1(…Tn(x))``: the last listed is applied first (ITK order)."""
+
+    def __init__(self, *transforms: SpatialTransform | Iterable[SpatialTransform]) -> None:
+        flat: list[SpatialTransform] = []
+        for t in transforms:
+            if isinstance(t, Compose):
+                flat.extend(t.transforms)
+            elif isinstance(t, SpatialTransform):
+                flat.append(t)
+            else:
+                flat.extend(Compose(*t).transforms)
+        if not flat:
+            raise GeometryError("Compose needs at least one transform")
+        ndims = {t.ndim for t in flat}
+        if len(ndims) != 1:
+            raise GeometryError(f"cannot compose transforms of different dimensions {sorted(ndims)}")
+        super().__init__(flat[0].ndim)
+        self.transforms = nn.ModuleList(flat)
+
+    def forward(self, points: Tensor) -> Tensor:
+        for t in reversed(self.transforms):
+            points = t(points)
+        return points
+
+    def mapped_points(self, grid: Grid, dtype: torch.dtype | None = None) -> Tensor:
+        # the innermost transform may have a fast dense path on this grid
+        pts = self.transforms[-1].mapped_points(grid, dtype)
+        for t in reversed(self.transforms[:-1]):
+            pts = t(pts)
+        return pts
+
+    def inverse(self) -> "Compose":
+        return Compose(*[t.inverse() for t in reversed(self.transforms)])
+
+
+def jacobian_det(transform: SpatialTransform, grid: Grid) -> Tensor:
+    """Jacobian determinant of any transform on ``grid`` (central differences, world mm)."""
+    return transform.jacobian_det(grid)

@@ -1,0 +1,50 @@
+"""``medreg info``: readable summary, JSON output, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from medreg.cli import main
+from medreg.core import Image
+from medreg.io import write_image
+
+
+def _write(tmp_path, grid, name="img.nii.gz"):
+    data = torch.arange(float(grid.numel)).reshape(1, *grid.shape)
+    path = tmp_path / name
+    write_image(Image(data, grid), path)
+    return path
+
+
+def test_info_prints_orientation_and_size(tmp_path, oblique_grid3d):
+    path = _write(tmp_path, oblique_grid3d)
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = {ln.split(None, 1)[0]: ln.split(None, 1)[1] for ln in result.output.splitlines()
+             if ln[:1].strip()}
+    assert lines["size"].startswith("23 x 31 x 17")
+    assert lines["orientation"] == oblique_grid3d.orientation()
+    assert lines["spacing"] == "0.9 x 1.3 x 2.5 mm"
+    assert lines["range"] == f"0 .. {oblique_grid3d.numel - 1}"
+    assert lines["dtype"] == "float32"
+
+
+def test_info_json(tmp_path, oblique_grid2d):
+    path = _write(tmp_path, oblique_grid2d, "img.mha")
+    result = CliRunner().invoke(main, ["info", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["size"] == [29, 37] and info["orientation"] == oblique_grid2d.orientation()
+    assert np.allclose(info["direction"], oblique_grid2d.direction)
+
+
+def test_info_missing_file_is_one_line_exit_2(tmp_path):
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "missing.nii.gz")])
+    assert result.exit_code == 2
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medreg info: error:")
+    assert "missing.nii.gz" in err[0]
