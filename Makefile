@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+DATA := src/medreg/data
 demo: $(STAMP)
-	$(VENV)/bin/medreg demo --out demo_out --overwrite
+	mkdir -p demo_out
+	$(VENV)/bin/medreg info $(DATA)/colin27_t1_2mm.nii.gz
+	$(VENV)/bin/medreg apply $(DATA)/demo_rigid.tfm $(DATA)/colin27_t1_2mm.nii.gz \
+		-r $(DATA)/colin27_t1_2mm.nii.gz -o demo_out/colin27_rigid.nii.gz --overwrite
+	$(VENV)/bin/medreg apply $(DATA)/demo_rigid.tfm $(DATA)/colin27_aal_2mm.nii.gz \
+		-r $(DATA)/colin27_t1_2mm.nii.gz -o demo_out/colin27_aal_rigid.nii.gz --interpolation nearest --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

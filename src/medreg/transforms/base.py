@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medreg.core.errors import GeometryError
@@ -77,6 +78,15 @@ class SpatialTransform(nn.Module):
         out = self.forward(pts)
         return out if out.dim() == grid.ndim + 2 else out.unsqueeze(0)
 
+    def source_norm_points(self, target: Grid, source: Grid, dtype: torch.dtype | None = None) -> Tensor:
+        """``T(x)`` for the voxels ``x`` of ``target``, in ``source``'s ``norm`` frame.
+
+        ``(N, *target.shape, D)``: what ``grid_sample`` needs to pull a source (moving) image
+        back onto ``target``. Subclasses with a cheaper route (linear maps, fields on
+        ``target``) override it.
+        """
+        return source.transform_points(self.mapped_points(target, dtype), "world", "norm")
+
     def displacement(self, grid: Grid) -> Tensor:
         """``T(x) − x`` on ``grid``: ``(N, D, *grid.shape)`` in world mm, components x, y, z."""
         self.check_grid(grid)
@@ -95,6 +105,16 @@ class SpatialTransform(nn.Module):
     def __matmul__(self, other: "SpatialTransform") -> "Compose":
         """``A @ B`` is ``Compose(A, B)``: apply ``B`` first."""
         return Compose(self, other)
+
+
+def affine_norm_grid(source_norm_from_target_norm: Tensor, target: Grid) -> Tensor | None:
+    """``(1, *target.shape, D)`` source-norm coordinates of a linear map given between norm
+    frames, built by ``F.affine_grid`` (None when an axis has size 1, where its norm differs)."""
+    if any(n == 1 for n in target.size):
+        return None
+    d = target.ndim
+    theta = source_norm_from_target_norm[:d, :].unsqueeze(0)
+    return F.affine_grid(theta, [1, 1, *target.shape], align_corners=True)
 
 
 class Identity(SpatialTransform):

@@ -18,7 +18,7 @@ from torch import Tensor
 from medreg.core.errors import GeometryError, InputError
 from medreg.core.grid import Grid
 from medreg.transforms import functional as TF
-from medreg.transforms.base import SpatialTransform
+from medreg.transforms.base import SpatialTransform, affine_norm_grid
 
 
 def _check_field(field: Tensor, grid: Grid, what: str) -> Tensor:
@@ -91,6 +91,17 @@ class DisplacementField(SpatialTransform):
         dtype = dtype or self.field.dtype
         pts = grid.points(dtype=dtype, device=self.field.device)
         return pts + self.displacement(grid).movedim(1, -1).to(dtype)
+
+    def source_norm_points(self, target: Grid, source: Grid, dtype: torch.dtype | None = None) -> Tensor:
+        if target != self.grid:
+            return super().source_norm_points(target, source, dtype)
+        dtype = dtype or self.field.dtype
+        dev = self.field.device
+        ident = affine_norm_grid(target.matrix("norm", "norm", source, dtype=dtype, device=dev), target)
+        if ident is None:
+            return super().source_norm_points(target, source, dtype)
+        lin = source.matrix("world", "norm", dtype=dtype, device=dev)[: self.ndim, : self.ndim]
+        return ident + self.field.to(dtype).movedim(1, -1) @ lin.T
 
     def inverse(self, iterations: int = 50, tolerance: float = 1e-4) -> "DisplacementField":
         """Fixed-point inverse on the same grid; its residual (mm) is in ``inverse_residual``."""

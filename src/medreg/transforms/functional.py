@@ -21,19 +21,15 @@ from medreg.core.enums import Interpolation, Padding
 from medreg.core.grid import Grid
 
 
-def _norm_half_voxel(shape_xyz: tuple[int, ...], dtype, device) -> Tensor:
-    """Half a voxel in norm units per axis (x, y, z); for a size-1 axis norm = index."""
-    return torch.tensor([1.0 / (n - 1) if n > 1 else 0.5 for n in shape_xyz], dtype=dtype,
-                        device=device)
-
-
 def inside_mask(norm_points: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Boolean ``(N, *out)``: points within half a voxel of the grid (ITK's inside test)."""
     size_xyz = tuple(reversed(shape))
-    lim = 1.0 + _norm_half_voxel(size_xyz, norm_points.dtype, norm_points.device)
-    lim = torch.where(torch.tensor([n > 1 for n in size_xyz], device=norm_points.device), lim,
-                      torch.full_like(lim, 0.5))
-    return (norm_points.abs() <= lim + 1e-6).all(dim=-1)
+    inside = None
+    for ax, n in enumerate(size_xyz):
+        lim = (1.0 + 1.0 / (n - 1) if n > 1 else 0.5) + 1e-6
+        ok = norm_points[..., ax].abs() <= lim
+        inside = ok if inside is None else inside.logical_and_(ok)
+    return inside
 
 
 def _mirror(i: Tensor, n: int) -> Tensor:
@@ -149,8 +145,8 @@ def sample(image: Tensor, norm_points: Tensor, interpolation: Interpolation | st
         out = F.grid_sample(image, grid, mode=mode, padding_mode=torch_pad, align_corners=True)
         out = out.reshape(n, image.shape[1], *norm_points.shape[1:-1])
     if padding is Padding.ZEROS:
-        inside = inside_mask(norm_points, shape).unsqueeze(1)
-        out = torch.where(inside, out, torch.as_tensor(fill, dtype=out.dtype, device=out.device))
+        outside = inside_mask(norm_points, shape).logical_not_().unsqueeze(1)
+        out = out.masked_fill(outside, fill)
     return out
 
 

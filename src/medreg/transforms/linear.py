@@ -16,7 +16,8 @@ from torch import Tensor
 
 from medreg.core.enums import _ArgEnum
 from medreg.core.errors import GeometryError, InputError
-from medreg.transforms.base import SpatialTransform
+from medreg.core.grid import Grid
+from medreg.transforms.base import SpatialTransform, affine_norm_grid
 
 
 def _tensor(value, shape: tuple[int, ...], dtype, default=None) -> Tensor:
@@ -129,6 +130,14 @@ class LinearTransform(SpatialTransform):
         m = self.matrix().to(points.dtype)
         d = self.ndim
         return points @ m[:d, :d].T + m[:d, d]
+
+    def source_norm_points(self, target: Grid, source: Grid, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or self.translation.dtype
+        m = (source.matrix("world", "norm", dtype=dtype, device=self.translation.device)
+             @ self.matrix().to(dtype)
+             @ target.matrix("norm", "world", dtype=dtype, device=self.translation.device))
+        out = affine_norm_grid(m, target)
+        return super().source_norm_points(target, source, dtype) if out is None else out
 
     def inverse(self) -> "AffineTransform":
         """Exact inverse, as an :class:`AffineTransform` with the same centre."""

@@ -1,0 +1,107 @@
+"""`medreg apply` end to end: images, labels, points, several transforms, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from click.testing import CliRunner
+
+from medreg.cli import main
+from medreg.core import Grid, Image
+from medreg.io import read_image, read_landmarks, write_image, write_landmarks, write_transform
+from medreg.transforms import RigidTransform, TranslationTransform
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "medreg" / "data"
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    g = Grid((12, 10, 8), (1.5, 1.0, 2.0), (4.0, -3.0, 2.0))
+    img = Image(torch.rand(*g.shape), g, "tiny")
+    write_image(img, tmp_path / "tiny.nii.gz")
+    return tmp_path, g, img
+
+
+def test_apply_bundled_real_image_matches_sitk(tmp_path):
+    t1 = BUNDLED / "colin27_t1_2mm.nii.gz"
+    tfm = BUNDLED / "demo_rigid.tfm"
+    res = run("apply", tfm, t1, "-r", t1, "-o", tmp_path / "w.nii.gz")
+    assert res.exit_code == 0, res.output
+    assert "w.nii.gz" in res.output
+    ours = sitk.ReadImage(str(tmp_path / "w.nii.gz"))
+    img = sitk.ReadImage(str(t1))
+    ref = sitk.Resample(img, img, sitk.ReadTransform(str(tfm)), sitk.sitkLinear, 0.0)
+    assert ours.GetSize() == img.GetSize()
+    assert np.allclose(ours.GetOrigin(), img.GetOrigin()) and np.allclose(ours.GetDirection(), img.GetDirection())
+    diff = np.abs(sitk.GetArrayFromImage(ours).astype(float) - sitk.GetArrayFromImage(ref).astype(float))
+    assert diff.max() <= 1  # uint8 rounding
+    labels = run("apply", tfm, BUNDLED / "colin27_aal_2mm.nii.gz", "-r", t1, "-o", tmp_path / "l.nii.gz",
+                 "--interpolation", "nearest")
+    assert labels.exit_code == 0
+    lab = read_image(tmp_path / "l.nii.gz")
+    assert lab.is_label and set(torch.unique(lab.data).tolist()) <= set(range(117))
+
+
+def test_apply_real_shared_image(tmp_path, shared_data):
+    fixed = shared_data / "vxm-brain-t1-aseg" / "nifti" / "fixed.nii.gz"
+    t = TranslationTransform(3, translation=[2.0, 0.0, -1.0], dtype=torch.float64)
+    write_transform(t, tmp_path / "t.mat")
+    res = run("apply", tmp_path / "t.mat", fixed, "-r", fixed, "-o", tmp_path / "w.nii.gz")
+    assert res.exit_code == 0, res.output
+    assert read_image(tmp_path / "w.nii.gz").grid.allclose(read_image(fixed).grid)
+
+
+def test_apply_several_transforms_in_itk_order(tiny):
+    tmp, g, img = tiny
+    a = TranslationTransform(3, translation=[3.0, 0.0, 0.0], dtype=torch.float64)
+    r = RigidTransform(3, rotation=[0.0, 0.0, 0.3], center=list(g.center()), dtype=torch.float64)
+    write_transform(a, tmp / "a.tfm")
+    write_transform(r, tmp / "r.h5")
+    pts = torch.tensor([[5.0, 1.0, 4.0], [10.0, 2.0, 6.0]], dtype=torch.float64)
+    write_landmarks(pts, tmp / "p.csv")
+    res = run("apply", tmp / "a.tfm", tmp / "r.h5", "--points", tmp / "p.csv", "-o", tmp / "o.csv")
+    assert res.exit_code == 0, res.output
+    out = read_landmarks(tmp / "o.csv")
+    assert torch.allclose(out, a(r(pts)), atol=1e-9)  # r (listed last) applied first
+    res = run("apply", tmp / "a.tfm", tmp / "r.h5", "--points", tmp / "o.csv", "-o", tmp / "back.csv", "--inverse")
+    assert res.exit_code == 0
+    assert torch.allclose(read_landmarks(tmp / "back.csv"), pts, atol=1e-9)
+    res = run("apply", tmp / "a.tfm", tmp / "r.h5", tmp / "tiny.nii.gz", "-r", tmp / "tiny.nii.gz",
+              "-o", tmp / "w.nii.gz", "--interpolation", "bspline")
+    assert res.exit_code == 0
+    assert read_image(tmp / "w.nii.gz").grid.allclose(g)
+
+
+def _one_line_error(res, *words):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("medreg apply: error:"), res.output
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line(tiny):
+    tmp, g, _ = tiny
+    t2 = TranslationTransform(2, translation=[1.0, 0.0])
+    write_transform(t2, tmp / "t2.tfm")
+    _one_line_error(run("apply", tmp / "missing.tfm", tmp / "tiny.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "o.nii.gz"),
+                    "missing.tfm")
+    _one_line_error(run("apply", tmp / "t2.tfm", tmp / "tiny.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "o.nii.gz"),
+                    "2D", "3D")
+    (tmp / "bad.nii.gz").write_bytes(b"not a nifti file at all")
+    write_transform(TranslationTransform(3), tmp / "t3.tfm")
+    _one_line_error(run("apply", tmp / "t3.tfm", tmp / "bad.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "o.nii.gz"),
+                    "bad.nii.gz")
+    (tmp / "bad.tfm").write_text("#Insight Transform File V1.0\nnonsense\n")
+    _one_line_error(run("apply", tmp / "bad.tfm", tmp / "tiny.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "o.nii.gz"),
+                    "bad.tfm")
+    (tmp / "exists.nii.gz").write_bytes(b"")
+    _one_line_error(run("apply", tmp / "t3.tfm", tmp / "tiny.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "exists.nii.gz"),
+                    "--overwrite")
