@@ -22,7 +22,8 @@ def test_summarize_cohort_worst30_direction():
     assert set(s) == {"dice", "hd95"}
     d, h = s["dice"], s["hd95"]
     assert d["n"] == 10 and d["n_missing"] == 1 and d["higher_is_better"]
-    assert d["mean"] == pytest.approx(0.45) and d["std"] == pytest.approx(np.std(np.arange(10) / 10))
+    assert d["mean"] == pytest.approx(0.45)
+    assert d["std"] == pytest.approx(np.std(np.arange(10) / 10))
     assert d["worst30"] == pytest.approx(np.mean([0.0, 0.1, 0.2]))  # the 3 lowest
     assert h["worst30"] == pytest.approx(np.mean([7, 8, 9]))  # the 3 highest
     assert d["q30_l2r"] == pytest.approx(np.quantile(np.arange(10) / 10, 0.3))

@@ -8,4 +8,11 @@ from medreg.core import Frame, Grid, Image, Interpolation, MedregError, Padding
 
 __version__ = "0.1.0"
 
-__all__ = ["Frame", "Grid", "Image", "Interpolation", "MedregError", "Padding", "__version__"]
+
+def register(*args, **kwargs):
+    """Register a moving image to a fixed image; see :func:`medreg.api.register`."""
+    from medreg.api import register as _register
+
+    return _register(*args, **kwargs)
+
+__all__ = ["Frame", "Grid", "Image", "Interpolation", "MedregError", "Padding", "__version__", "register"]

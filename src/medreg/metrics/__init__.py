@@ -27,7 +27,8 @@ from medreg.metrics.landmarks import TREResult, distance_stats, field_transform,
 from medreg.metrics.lut import (LabelInfo, parse_label_list, read_label_list, read_label_names,
                                 read_label_table)
 from medreg.metrics.overlap import LabelMetrics, LabelScore, dice, label_metrics
-from medreg.metrics.surface import assd, hausdorff, hd95, surface, surface_distances, surface_metrics
+from medreg.metrics.surface import (assd, hausdorff, hd95, surface, surface_distances,
+                                    surface_metrics)
 
 __all__ = [
     "DISPLACEMENT_DEFINITIONS", "L2RPair", "L2RTask", "LabelInfo", "LabelMetrics", "LabelScore",

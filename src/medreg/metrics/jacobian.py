@@ -323,7 +323,8 @@ def displacement_metrics(disp: Tensor | np.ndarray, grid: Grid,
     vals = det if m is None else det[m]
     n = int(vals.size)
     folds = int((vals <= 0).sum())
-    norm = torch.linalg.vector_norm(u[0].to(torch.float64), dim=0).cpu().numpy()
+    u64 = u[0].to(device="cpu", dtype=torch.float64).numpy()
+    norm = np.sqrt(np.einsum("k...,k...->...", u64, u64))
     norm = norm if m is None else norm[m]
     out: dict[str, Any] = {
         "sdlogj": sd,

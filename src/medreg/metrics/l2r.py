@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -230,7 +230,8 @@ class L2RTask:
         for dest in ("landmarks", "keypoints"):
             if (self.landmark_path(first.fixed, dest).is_file()
                     and self.landmark_path(first.moving, dest).is_file()):
-                methods.append({"name": f"TRE_{dest[:2]}", "metric": "tre", "dest": dest})
+                methods.append({"name": "TRE_lm" if dest == "landmarks" else "TRE_kp",
+                                "metric": "tre", "dest": dest})
                 break
         return methods
 

@@ -101,8 +101,10 @@ def field_transform(disp: Tensor, grid: Grid) -> PointMap:
     if u.dim() == grid.ndim + 1:
         u = u.unsqueeze(0)
 
+    field = u.to(torch.float64)
+
     def apply(points: Tensor) -> Tensor:
-        return displace_points(u.to(torch.float64), grid, points.to(torch.float64))
+        return displace_points(field, grid, points.to(device=field.device, dtype=torch.float64))
 
     return apply
 

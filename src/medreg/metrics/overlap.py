@@ -210,8 +210,10 @@ def label_metrics(fixed_labels: Image, warped_labels: Image, labels: Sequence[in
     check_same_grid(fixed_labels, warped_labels)
     f = label_array(fixed_labels)
     w = label_array(warped_labels)
+    count_f = _counts(f)
+    count_w = _counts(w)
     if labels is None:
-        found = sorted((set(np.unique(f).tolist()) | set(np.unique(w).tolist())) - {0})
+        found = sorted((set(count_f) | set(count_w)) - {0})
         if not found:
             raise InputError(f"no labels to evaluate: {fixed_labels.name} and "
                              f"{warped_labels.name} contain only background (0)")
@@ -225,8 +227,6 @@ def label_metrics(fixed_labels: Image, warped_labels: Image, labels: Sequence[in
     names = dict(names or {})
     voxel_mm3 = float(np.prod(fixed_labels.grid.spacing))
 
-    count_f = _counts(f)
-    count_w = _counts(w)
     count_both = _counts(f[f == w])
     box_f = _boxes(f, labels) if surface else {}
     box_w = _boxes(w, labels) if surface else {}

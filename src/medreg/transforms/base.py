@@ -165,6 +165,25 @@ class Compose(SpatialTransform):
             pts = t(pts)
         return pts
 
+    def source_norm_points(self, target: Grid, source: Grid, dtype: torch.dtype | None = None) -> Tensor:
+        # fast path for the registration hot spot: linear maps after one field on ``target``
+        *outer, inner = self.transforms
+        from medreg.transforms.dense import DisplacementField
+        from medreg.transforms.linear import LinearTransform
+
+        if (outer and isinstance(inner, DisplacementField) and inner.grid == target
+                and all(isinstance(t, LinearTransform) for t in outer)
+                and not any(n == 1 for n in target.size)):
+            dtype = dtype or inner.field.dtype
+            dev = inner.field.device
+            m = source.matrix("world", "norm", dtype=dtype, device=dev)
+            for t in outer:
+                m = m @ t.matrix().to(dtype)
+            ident = affine_norm_grid(m @ target.matrix("norm", "world", dtype=dtype, device=dev), target)
+            d = self.ndim
+            return ident + inner.field.to(dtype).movedim(1, -1) @ m[:d, :d].T
+        return super().source_norm_points(target, source, dtype)
+
     def inverse(self) -> "Compose":
         return Compose(*[t.inverse() for t in reversed(self.transforms)])
 

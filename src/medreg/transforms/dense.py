@@ -21,7 +21,7 @@ from medreg.transforms import functional as TF
 from medreg.transforms.base import SpatialTransform, affine_norm_grid
 
 
-def _check_field(field: Tensor, grid: Grid, what: str) -> Tensor:
+def _check_field(field: Tensor, grid: Grid, what: str, finite: bool = True) -> Tensor:
     field = torch.as_tensor(field)
     if field.dim() == grid.ndim + 1:
         field = field.unsqueeze(0)
@@ -32,7 +32,7 @@ def _check_field(field: Tensor, grid: Grid, what: str) -> Tensor:
         )
     if not field.is_floating_point():
         field = field.float()
-    if not torch.isfinite(field.detach()).all():
+    if finite and not torch.isfinite(field.detach()).all():
         raise InputError(f"{what} contains NaN or infinite values")
     return field
 
@@ -61,12 +61,14 @@ class DisplacementField(SpatialTransform):
         field: ``(N, D, *grid.shape)`` (or without ``N``) world-mm displacement.
         grid: where the field is sampled (typically the fixed image's grid).
         trainable: register the field as a parameter with gradients.
+        check_finite: reject NaN/inf values (a full pass; inner loops that built the field
+            themselves may skip it).
     """
 
-    def __init__(self, field: Tensor, grid: Grid, trainable: bool = False) -> None:
+    def __init__(self, field: Tensor, grid: Grid, trainable: bool = False, check_finite: bool = True) -> None:
         super().__init__(grid.ndim)
         self.grid = grid
-        self._set_tensor("field", _check_field(field, grid, "displacement field"), trainable)
+        self._set_tensor("field", _check_field(field, grid, "displacement field", check_finite), trainable)
         #: max residual (mm) of the fixed-point inversion that produced this field, if any
         self.inverse_residual: float | None = None
 

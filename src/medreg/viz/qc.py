@@ -169,24 +169,31 @@ def _det_norm(det: np.ndarray) -> TwoSlopeNorm:
     return TwoSlopeNorm(vmin=lo, vcenter=1.0, vmax=hi)
 
 
+#: (sections the number may sit in, key, label, unit): ``evaluate`` writes ``labels`` and
+#: ``displacement``; ``register`` writes ``labels_after`` and ``jacobian``.
+_HEADLINE = (
+    (("labels", "labels_after"), "mean_dice", "Dice", ""),
+    (("labels", "labels_after"), "mean_hd95", "HD95", " mm"),
+    (("landmarks",), "mean", "TRE", " mm"),
+    (("displacement", "jacobian"), "sdlogj", "SD log|J|", ""),
+    (("displacement", "jacobian"), "folding_percent", "folded", " %"),
+    (("displacement", "jacobian"), "ndv_percent", "NDV", " %"),
+)
+
+
 def _fmt_metrics(metrics: Mapping[str, Any] | None) -> str:
+    """Headline numbers of an ``evaluate``/``register`` metrics dict for the header line."""
     if not metrics:
         return ""
     parts = []
-    flat: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if isinstance(v, Mapping):
-            for kk, vv in v.items():
-                flat.setdefault(kk, vv)
-        else:
-            flat[k] = v
-    for key, label, unit in (("mean_dice", "Dice", ""), ("dice", "Dice", ""),
-                             ("mean_hd95", "HD95", " mm"), ("mean", "TRE", " mm"),
-                             ("sdlogj", "SDlogJ", ""), ("folding_percent", "folds", " %"),
-                             ("ndv_percent", "NDV", " %")):
-        v = flat.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v) and label not in \
-                [p.split(" ")[0] for p in parts]:
+    for sections, key, label, unit in _HEADLINE:
+        v = None
+        for section in sections:
+            sec = metrics.get(section)
+            if isinstance(sec, Mapping) and key in sec:
+                v = sec[key]
+                break
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             parts.append(f"{label} {v:.3g}{unit}")
     return "   ·   ".join(parts)
 
@@ -276,7 +283,9 @@ def qc_figure(fixed: Image, warped: Image, moving: Image | None = None, *,
             if row == 0:
                 ax.set_title(name, fontsize=9, pad=3)
             if col == 0:
-                ax.set_ylabel(view.name, fontsize=9)
+                ax.text(0.02, 0.98, view.name, transform=ax.transAxes, fontsize=8,
+                        va="top", ha="left", color="white",
+                        bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "lw": 0})
             if name == "fixed":
                 _image(ax, f, view, vmin=0, vmax=1)
             elif name.startswith("moving"):
@@ -352,7 +361,9 @@ def deformation_figure(displacement: Tensor | Any, grid: Grid, image: Image | No
         _plain(ax)
         bg = _scale(view.take(image.data[0]), win) if image is not None else None
         _grid_lines(ax, view, u, bg)
-        ax.set_ylabel(view.name, fontsize=9)
+        ax.text(0.02, 0.98, view.name, transform=ax.transAxes, fontsize=8, va="top",
+                ha="left", color="white",
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "lw": 0})
         ax2 = fig.add_axes((0.51, y0 + 0.02 * h_cell, 0.38, h_cell - 0.12 * h_cell))
         _plain(ax2)
         d = view.take(det)

@@ -1,0 +1,518 @@
+"""Benchmark: ``medreg register`` side by side with ANTs SyN and elastix (issue 4).
+
+Every registration runs in a fresh subprocess on the same inputs and threads; the parent measures
+its wall time and peak RSS (``os.wait4`` rusage of that one child), then scores the outputs the
+same way for every method:
+
+* Dice per label and its mean over the dataset's label list, HD95 (mm, Learn2Reg's robust
+  Hausdorff in physical units) — :func:`medreg.metrics.label_metrics` on the moving labels that
+  each tool warped itself (nearest neighbour) onto the fixed grid;
+* SD of log det J (textbook: std over voxels with det J > 0), % folded voxels (det J ≤ 0), and
+  LUMIR's non-diffeomorphic volume — :func:`medreg.metrics.displacement_metrics` on the total
+  dense displacement (fixed grid, world LPS mm, ITK convention) each tool exported;
+* TRE of landmark pairs (lung) — :func:`medreg.metrics.tre` through that displacement;
+* ``consistency``: the fraction of foreground voxels where the moving labels warped through the
+  exported displacement (SimpleITK, nearest) agree with the tool's own warped labels. Near 1
+  means the displacement that was scored is the transform that produced the labels.
+
+Methods: ``ants`` (antspyx ``ants.registration(type_of_transform="SyN")``, its defaults),
+``elastix`` (itk-elastix, default rigid + affine + B-spline parameter maps), ``medreg``
+(``medreg register FIXED MOVING -o OUT --preset P --threads T --seed S --quiet --overwrite
+--moving-labels L --fixed-labels L``; skipped with a message if the command is missing) and
+``identity`` (no registration: the moving labels resampled on the fixed grid in world space).
+
+    nice -n 10 python benchmarks/bench_register.py --method ants --method elastix \\
+        --dataset vxm --threads 2 --out results_vxm.json
+    python benchmarks/bench_register.py --method medreg --preset fast --dataset vxm
+    python benchmarks/bench_register.py --render results_vxm.json results_fs.json
+
+Datasets and pairs: see ``benchmarks/_pairs.py``. ``--pairs N`` limits every dataset to N pairs
+(hippocampus defaults to 20 random pairs; freesurfer subsets are a seeded sample of the 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _pairs import DATASET_PRESET, DATASETS, Pair, build_pairs, default_data_root  # noqa: E402
+
+METHODS = ("identity", "ants", "elastix", "medreg")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "MEDREG_NUM_THREADS")
+
+
+# =============================================================================== worker side
+# (runs in the fresh subprocess; imports only what its method needs)
+
+def _worker_identity(a: argparse.Namespace, out: Path) -> float:
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(a.fixed)
+    t0 = time.perf_counter()
+    if a.moving_labels:
+        ml = sitk.ReadImage(a.moving_labels)
+        w = sitk.Resample(ml, fixed, sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity),
+                          sitk.sitkNearestNeighbor, 0, ml.GetPixelID())
+        sitk.WriteImage(w, str(out / "warped_labels.nii.gz"))
+    reg_s = time.perf_counter() - t0
+    zero = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat32, fixed.GetDimension())
+    zero.CopyInformation(fixed)
+    sitk.WriteImage(zero, str(out / "displacement.nii.gz"))
+    return reg_s
+
+
+def _worker_ants(a: argparse.Namespace, out: Path) -> float:
+    import ants
+
+    ants.config._random_seed = a.seed  # passed as --random-seed to antsRegistration
+    f = ants.image_read(a.fixed, pixeltype="float")
+    m = ants.image_read(a.moving, pixeltype="float")
+    t0 = time.perf_counter()
+    reg = ants.registration(f, m, type_of_transform="SyN", outprefix=str(out / "ants_"))
+    reg_s = time.perf_counter() - t0
+    # total displacement on the fixed grid (antsApplyTransforms -o [comp.nii.gz,1])
+    comp = ants.apply_transforms(f, m, transformlist=reg["fwdtransforms"],
+                                 compose=str(out / "ants_total_"))
+    if not comp or not Path(comp).exists():
+        raise RuntimeError("antsApplyTransforms did not write the composed displacement field")
+    os.replace(comp, out / "displacement.nii.gz")
+    if a.moving_labels:
+        ml = ants.image_read(a.moving_labels, pixeltype="float")
+        wl = ants.apply_transforms(f, ml, transformlist=reg["fwdtransforms"],
+                                   interpolator="nearestNeighbor")
+        ants.image_write(wl, str(out / "warped_labels.nii.gz"))
+    return reg_s
+
+
+def _worker_elastix(a: argparse.Namespace, out: Path) -> float:
+    import itk
+
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(a.threads)
+    f = itk.imread(a.fixed, itk.F)
+    m = itk.imread(a.moving, itk.F)
+    po = itk.ParameterObject.New()
+    for name in ("rigid", "affine", "bspline"):
+        po.AddParameterMap(po.GetDefaultParameterMap(name))
+    t0 = time.perf_counter()
+    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False,
+                                                number_of_threads=a.threads)
+    reg_s = time.perf_counter() - t0
+    field = itk.transformix_deformation_field(m, params)
+    itk.imwrite(field, str(out / "displacement.nii.gz"))
+    if a.moving_labels:
+        ml = itk.imread(a.moving_labels, itk.F)
+        for i in range(params.GetNumberOfParameterMaps()):
+            params.SetParameter(i, "FinalBSplineInterpolationOrder", "0")
+            params.SetParameter(i, "ResampleInterpolator", "FinalNearestNeighborInterpolator")
+        wl = itk.transformix_filter(ml, params)
+        itk.imwrite(wl, str(out / "warped_labels.nii.gz"))
+    po_out = out / "elastix_params"
+    po_out.mkdir(exist_ok=True)
+    for i in range(params.GetNumberOfParameterMaps()):
+        params.WriteParameterFile(params.GetParameterMap(i), str(po_out / f"TransformParameters.{i}.txt"))
+    return reg_s
+
+
+_WORKERS = {"identity": _worker_identity, "ants": _worker_ants, "elastix": _worker_elastix}
+
+
+def worker_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench_register.py --worker")
+    ap.add_argument("method", choices=sorted(_WORKERS))
+    ap.add_argument("--fixed", required=True)
+    ap.add_argument("--moving", required=True)
+    ap.add_argument("--moving-labels")
+    ap.add_argument("--outdir", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    out = Path(a.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    reg_s = _WORKERS[a.method](a, out)
+    info = {"method": a.method, "reg_s": reg_s, "worker_s": time.perf_counter() - t0}
+    (out / "worker.json").write_text(json.dumps(info, indent=1))
+    return 0
+
+
+# =============================================================================== parent side
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for k in THREAD_VARS:
+        env[k] = str(threads)
+    return env
+
+
+def _run_child(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> dict:
+    """Run ``cmd``; wall seconds, exit status and the child's own peak RSS (MB)."""
+    with open(log, "w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        timed_out = False
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - t0 > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                timed_out = True
+                pid, status, ru = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": wall, "returncode": proc.returncode, "timed_out": timed_out,
+            "peak_rss_mb": ru.ru_maxrss / 1024.0}  # Linux: KiB
+
+
+_MEDREG_OK: bool | None = None
+
+
+def medreg_available() -> bool:
+    global _MEDREG_OK
+    if _MEDREG_OK is None:
+        r = subprocess.run([sys.executable, "-m", "medreg", "register", "--help"],
+                           capture_output=True, text=True)
+        _MEDREG_OK = r.returncode == 0
+        if not _MEDREG_OK:
+            msg = (r.stderr or r.stdout).strip().splitlines()
+            print(f"[bench] medreg register is not available yet ({msg[-1] if msg else 'no output'}); "
+                  "skipping method medreg", file=sys.stderr)
+    return _MEDREG_OK
+
+
+def _command(method: str, pair: Pair, out: Path, a: argparse.Namespace) -> list[str]:
+    if method == "medreg":
+        preset = a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset
+        cmd = [sys.executable, "-m", "medreg", "register", pair.fixed, pair.moving, "-o", str(out),
+               "--preset", preset, "--threads", str(a.threads), "--seed", str(a.seed), "--quiet",
+               "--overwrite"]
+        if pair.moving_labels:
+            cmd += ["--moving-labels", pair.moving_labels]
+        if pair.fixed_labels:
+            cmd += ["--fixed-labels", pair.fixed_labels]
+        return cmd
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--fixed",
+           pair.fixed, "--moving", pair.moving, "--outdir", str(out), "--threads",
+           str(a.threads), "--seed", str(a.seed)]
+    if pair.moving_labels:
+        cmd += ["--moving-labels", pair.moving_labels]
+    return cmd
+
+
+def _consistency(pair: Pair, disp_path: Path, warped_path: Path) -> float | None:
+    """Agreement of the tool's warped labels with the labels warped through its displacement."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    if not pair.moving_labels or not pair.fixed_labels:
+        return None
+    ref = sitk.ReadImage(pair.fixed_labels)
+    ml = sitk.ReadImage(pair.moving_labels)
+    ml = sitk.Cast(ml, sitk.sitkInt32)
+    disp = sitk.ReadImage(str(disp_path), sitk.sitkVectorFloat64)
+    tx = sitk.DisplacementFieldTransform(disp)
+    mine = sitk.GetArrayViewFromImage(
+        sitk.Resample(ml, ref, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32))
+    theirs = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(warped_path)))).astype(np.int64)
+    if mine.shape != theirs.shape:
+        return None
+    fg = (mine != 0) | (theirs != 0)
+    return float((mine[fg] == theirs[fg]).mean()) if fg.any() else None
+
+
+def evaluate(pair: Pair, out: Path, surface: bool = True) -> dict:
+    """Scores of one finished run (see the module docstring)."""
+    import torch
+
+    from medreg.io import read_displacement, read_image, read_landmarks
+    from medreg.metrics import displacement_metrics, field_transform, label_metrics, tre
+
+    row: dict = {}
+    wl_path, disp_path = out / "warped_labels.nii.gz", out / "displacement.nii.gz"
+    fixed_grid = None
+    if pair.fixed_labels and pair.labels:
+        fl = read_image(pair.fixed_labels, label=True)
+        fixed_grid = fl.grid
+        if wl_path.exists():
+            wl = read_image(wl_path, label=True)
+            lm = label_metrics(fl, wl, pair.labels, surface=surface)
+            row.update(dice=lm.mean_dice, hd95=lm.mean_hd95, assd=lm.mean_assd,
+                       dice_per_label={s.label: s.dice for s in lm.per_label},
+                       hd95_per_label={s.label: s.hd95 for s in lm.per_label},
+                       labels_missing_in_warped=lm.missing_in_warped)
+        else:
+            row["error_labels"] = "no warped_labels.nii.gz"
+    if disp_path.exists():
+        df = read_displacement(disp_path, dtype=torch.float64)
+        dm = displacement_metrics(df.field, df.grid, name=str(disp_path))
+        for k in ("sdlogj", "sdlogj_l2r", "folding_percent", "folding_count", "ndv_percent",
+                  "displacement_max_mm", "displacement_mean_mm"):
+            row[k] = dm.get(k)
+        if fixed_grid is not None:
+            row["disp_on_fixed_grid"] = bool(df.grid.allclose(fixed_grid, atol=1e-3))
+        for name, (ff, mf) in pair.landmarks.items():
+            r = tre(read_landmarks(ff), read_landmarks(mf), field_transform(df.field, df.grid),
+                    grid=df.grid)
+            row[f"tre_{name}"] = r.mean
+            row[f"tre_{name}_std"] = r.std
+            row[f"tre_{name}_max"] = r.max
+            row[f"tre_{name}_before"] = r.initial["mean"]
+            row[f"tre_{name}_outside_grid"] = r.outside_grid
+        del df
+        if wl_path.exists():
+            row["consistency"] = _consistency(pair, disp_path, wl_path)
+    else:
+        row["error_displacement"] = "no displacement.nii.gz"
+    return row
+
+
+def _medreg_extras(out: Path) -> dict:
+    p = out / "metrics.json"
+    if not p.exists():
+        return {}
+    try:
+        m = json.loads(p.read_text())
+    except ValueError:
+        return {"medreg_metrics_error": "unreadable metrics.json"}
+    extra = {"medreg_metrics": m}
+    for k in ("runtime_s", "runtime", "registration_s", "time_s", "seconds"):
+        v = m.get(k) if isinstance(m, dict) else None
+        if isinstance(v, (int, float)):
+            extra["reg_s"] = float(v)
+            break
+    return extra
+
+
+def _cleanup(out: Path, keep: bool) -> None:
+    if keep:
+        return
+    for p in out.rglob("*"):
+        if p.is_file() and p.stat().st_size > 2 * 2**20:
+            p.unlink()
+
+
+def run_one(method: str, pair: Pair, a: argparse.Namespace) -> dict:
+    out = Path(a.workdir) / "runs" / pair.dataset / pair.name / (
+        f"medreg-{a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset}"
+        if method == "medreg" else method)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    env = _env(a.threads)
+    cmd = _command(method, pair, out, a)
+    row = {"dataset": pair.dataset, "pair": pair.name, "method": method, "threads": a.threads,
+           "seed": a.seed,
+           "command": " ".join(f"{k}={a.threads}" for k in THREAD_VARS) + " " + shlex.join(cmd),
+           "outdir": str(out)}
+    if method == "medreg":
+        row["preset"] = cmd[cmd.index("--preset") + 1]
+    res = _run_child(cmd, env, out / "run.log", a.timeout)
+    row.update(res)
+    if res["returncode"] != 0:
+        tail = (out / "run.log").read_text(errors="replace").strip().splitlines()[-3:]
+        row["status"] = "timeout" if res["timed_out"] else "failed"
+        row["error"] = " | ".join(tail)
+        _cleanup(out, a.keep)
+        return row
+    wj = out / "worker.json"
+    if wj.exists():
+        row["reg_s"] = json.loads(wj.read_text())["reg_s"]
+    if method == "medreg":
+        row.update(_medreg_extras(out))
+    t0 = time.perf_counter()
+    try:
+        row.update(evaluate(pair, out, surface=not a.no_hd95))
+        row["status"] = "ok"
+    except Exception as exc:  # keep going: one broken output must not lose the others
+        row["status"] = "eval_failed"
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    row["eval_s"] = time.perf_counter() - t0
+    _cleanup(out, a.keep)
+    return row
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    v = {"python": platform.python_version(), "machine": platform.machine(),
+         "cpus": os.cpu_count()}
+    for pkg in ("medreg", "torch", "antspyx", "itk-elastix", "itk", "SimpleITK", "numpy", "scipy"):
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = None
+    return v
+
+
+# ------------------------------------------------------------------------------- reporting
+
+SUMMARY_KEYS = ("dice", "hd95", "sdlogj", "folding_percent", "ndv_percent", "reg_s", "wall_s",
+                "peak_rss_mb", "consistency", "tre_corrected51", "tre_all100")
+
+
+def summarize(rows: list[dict]) -> dict:
+    from medreg.metrics import summarize_cohort
+
+    out: dict = {}
+    groups: dict = {}
+    for r in rows:
+        key = r["method"] + (f":{r['preset']}" if r.get("preset") else "")
+        groups.setdefault(r["dataset"], {}).setdefault(key, []).append(r)
+    for ds, by_method in groups.items():
+        out[ds] = {}
+        for m, rs in by_method.items():
+            ok = [r for r in rs if r.get("status") == "ok"]
+            flat = [{k: r.get(k) for k in SUMMARY_KEYS} for r in ok]
+            s = summarize_cohort(flat) if flat else {}
+            out[ds][m] = {"n_ok": len(ok), "n_failed": len(rs) - len(ok), "metrics": s}
+    return out
+
+
+def _fmt(s: dict | None, key: str, digits: int) -> str:
+    e = (s or {}).get(key)
+    if not e or e.get("mean") is None:
+        return "–"
+    if e["n"] == 1:
+        return f"{e['mean']:.{digits}f}"
+    return f"{e['mean']:.{digits}f} ± {e['std']:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for ds, by_method in summary.items():
+        has_tre = any("tre_corrected51" in v["metrics"] for v in by_method.values())
+        lines.append(f"\n#### {ds}\n")
+        head = ["method", "pairs", "Dice", "HD95 mm", "SDlogJ", "fold %", "NDV %", "reg s",
+                "wall s", "peak RSS MB", "consistency"]
+        if has_tre:
+            head += ["TRE51 mm", "TRE100 mm"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for m, v in by_method.items():
+            s = v["metrics"]
+            n = f"{v['n_ok']}" + (f" (+{v['n_failed']} failed)" if v["n_failed"] else "")
+            cells = [m, n, _fmt(s, "dice", 3), _fmt(s, "hd95", 2), _fmt(s, "sdlogj", 3),
+                     _fmt(s, "folding_percent", 4), _fmt(s, "ndv_percent", 4),
+                     _fmt(s, "reg_s", 1), _fmt(s, "wall_s", 1), _fmt(s, "peak_rss_mb", 0),
+                     _fmt(s, "consistency", 4)]
+            if has_tre:
+                cells += [_fmt(s, "tre_corrected51", 2), _fmt(s, "tre_all100", 2)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _load_rows(paths: list[str]) -> list[dict]:
+    rows = []
+    for p in paths:
+        rows += json.loads(Path(p).read_text())["rows"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--method", action="append", choices=METHODS,
+                    help="repeatable; default: identity ants elastix medreg")
+    ap.add_argument("--dataset", action="append", choices=DATASETS,
+                    help="repeatable; default: vxm")
+    ap.add_argument("--pairs", type=int, default=None, help="at most N pairs per dataset")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", default="fast", help="medreg preset (lung/head2d use lung/"
+                    "multimodal unless --preset-for says otherwise)")
+    ap.add_argument("--preset-for", action="append", default=[], metavar="DATASET=PRESET")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results.json")
+    ap.add_argument("--data", default=str(default_data_root()))
+    ap.add_argument("--workdir", default=f"/tmp/medreg_bench_{os.getuid()}")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per registration")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in --out")
+    ap.add_argument("--keep", action="store_true", help="keep warped labels and fields")
+    ap.add_argument("--no-hd95", action="store_true", help="skip surface distances")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="print the markdown tables of earlier --out files and exit")
+    a = ap.parse_args(argv)
+
+    if a.render:
+        print(markdown(summarize(_load_rows(a.render))))
+        return 0
+    a.preset_for = dict(s.split("=", 1) for s in a.preset_for)
+    methods = a.method or list(METHODS)
+    datasets = a.dataset or ["vxm"]
+    if "medreg" in methods and not medreg_available():
+        methods = [m for m in methods if m != "medreg"]
+    os.environ.update(_env(a.threads))  # the parent's evaluation uses the same threads
+    import torch
+
+    torch.set_num_threads(a.threads)
+
+    out_path = Path(a.out)
+    rows: list[dict] = []
+    if a.resume and out_path.exists():
+        rows = [r for r in json.loads(out_path.read_text())["rows"] if r.get("status") == "ok"]
+    done = {(r["dataset"], r["pair"], r["method"], r.get("preset")) for r in rows}
+    meta = {"argv": [sys.executable, *sys.argv], "versions": _versions(), "threads": a.threads,
+            "seed": a.seed, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "nice": os.nice(0)}
+
+    def save() -> None:
+        payload = {"meta": meta, "rows": rows, "summary": summarize(rows)}
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
+        os.replace(tmp, out_path)
+
+    for ds in datasets:
+        pairs = build_pairs(ds, Path(a.data), Path(a.workdir), a.pairs, a.seed)
+        for pair in pairs:
+            for method in methods:
+                preset = None
+                if method == "medreg":
+                    preset = (a.preset_for.get(ds) or DATASET_PRESET.get(ds) or a.preset)
+                if (ds, pair.name, method, preset) in done:
+                    continue
+                row = run_one(method, pair, a)
+                rows.append(row)
+                save()
+                msg = (f"[bench] {ds:11s} {pair.name:28s} {method + (':' + preset if preset else ''):14s}"
+                       f" {row['status']:11s} wall {row['wall_s']:7.1f}s reg "
+                       f"{row.get('reg_s', float('nan')):7.1f}s rss {row['peak_rss_mb']:7.0f}MB")
+                if row.get("dice") is not None:
+                    msg += f" dice {row['dice']:.3f} hd95 {row.get('hd95') or float('nan'):.2f}"
+                if row.get("sdlogj") is not None:
+                    msg += f" sdlogj {row['sdlogj']:.3f} fold {row['folding_percent']:.4f}%"
+                if row.get("tre_corrected51") is not None:
+                    msg += f" tre51 {row['tre_corrected51']:.2f}"
+                if row.get("consistency") is not None:
+                    msg += f" cons {row['consistency']:.4f}"
+                if row.get("error"):
+                    msg += f" ({row['error'][:200]})"
+                print(msg, flush=True)
+    save()
+    print(markdown(summarize(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

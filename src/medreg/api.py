@@ -1,0 +1,218 @@
+"""The Python API: ``medreg.register(fixed, moving, preset="fast", **overrides)``.
+
+Takes paths or in-memory :class:`~medreg.core.Image`\\ s, checks them (one clear error per
+problem), runs :func:`medreg.engine.run_registration`, computes metrics, and can write the
+standard output folder (:func:`save_result`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medreg.core.errors import InputError
+from medreg.core.image import Image
+from medreg.engine import (Progress, RegistrationConfig, RegistrationResult, config_from_dict,
+                           load_config, load_preset, merge_overrides, run_registration)
+from medreg.transforms import warp_image, warp_labels
+
+OUTPUT_FILES = ("warped.nii.gz", "warped_labels.nii.gz", "transform.h5", "displacement.nii.gz",
+                "metrics.json", "qc.png")
+
+
+def _load(x: Image | str | os.PathLike | None, what: str, label: bool = False) -> Image | None:
+    from medreg.io import read_image
+
+    if x is None or isinstance(x, Image):
+        return x
+    return read_image(x, label=label)
+
+
+def _check_image(img: Image, what: str) -> None:
+    if img.channels != 1:
+        raise InputError(f"{img.name}: the {what} image has {img.channels} channels; "
+                         "registration needs a single-channel image")
+    data = img.data
+    if data.is_floating_point() and not torch.isfinite(data).all():
+        raise InputError(f"{img.name}: the {what} image contains NaN or infinite voxels")
+    if float(data.max()) == float(data.min()):
+        raise InputError(f"{img.name}: the {what} image is constant; there is nothing to register")
+
+
+def _check_companion(extra: Image | None, base: Image, what: str) -> None:
+    if extra is None:
+        return
+    if not extra.grid.allclose(base.grid, atol=1e-3):
+        raise InputError(f"{extra.name}: the {what} is not on the grid of {base.name} "
+                         f"({extra.grid} vs {base.grid}); resample it onto its image first")
+    if "mask" in what and not bool((extra.data != 0).any()):
+        raise InputError(f"{extra.name}: the {what} is empty (no non-zero voxel)")
+
+
+def resolve_config(preset: str | None = "fast", config: RegistrationConfig | dict | str | os.PathLike | None = None,
+                   **overrides: Any) -> RegistrationConfig:
+    """The config to run: ``config`` (object, mapping or YAML path) or else ``preset``, with
+    ``overrides`` applied (see :func:`medreg.engine.merge_overrides`)."""
+    if config is None:
+        cfg = load_preset(preset or "fast")
+    elif isinstance(config, RegistrationConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = config_from_dict(config)
+    else:
+        cfg = load_config(config)
+    return merge_overrides(cfg, **overrides) if overrides else cfg
+
+
+def register(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike, preset: str = "fast", *,
+             config: RegistrationConfig | dict | str | os.PathLike | None = None,
+             fixed_mask: Image | str | None = None, moving_mask: Image | str | None = None,
+             fixed_labels: Image | str | None = None, moving_labels: Image | str | None = None,
+             device: str | torch.device | None = None, threads: int | None = None,
+             seed: int | None = None, quiet: bool = True, progress: Progress | None = None,
+             **overrides: Any) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``.
+
+    Args:
+        fixed, moving: images or paths; they may differ in size, spacing and orientation.
+        preset: name of a shipped preset (``medreg presets``); ignored when ``config`` is given.
+        config: a :class:`RegistrationConfig`, a mapping or a YAML file (preset format).
+        fixed_mask, moving_mask: restrict the similarity to non-zero voxels.
+        fixed_labels, moving_labels: label maps on their images' grids; with both, Dice before
+            and after is reported (the labels are not used by the optimisation).
+        device: ``cpu`` or ``cuda`` (default: cpu).
+        threads: ``torch.set_num_threads`` for the run.
+        seed: overrides the config's seed.
+        overrides: config keys (``iterations=50``, ``stage2_lr=0.2``, ``initialisation="moments"``).
+
+    Returns:
+        :class:`RegistrationResult` whose ``transform`` maps fixed → moving points and whose
+        ``metrics`` hold similarity before/after, Jacobian statistics, Dice (with labels) and
+        runtime.
+    """
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    if seed is not None:
+        overrides["seed"] = int(seed)
+    cfg = resolve_config(preset, config, **overrides)
+    fixed_i, moving_i = _load(fixed, "fixed"), _load(moving, "moving")
+    fm, mm = _load(fixed_mask, "fixed mask", True), _load(moving_mask, "moving mask", True)
+    fl, ml = _load(fixed_labels, "fixed labels", True), _load(moving_labels, "moving labels", True)
+    if fixed_i.ndim != moving_i.ndim:
+        raise InputError(f"{moving_i.name} is {moving_i.ndim}D but {fixed_i.name} is {fixed_i.ndim}D; "
+                         "both images must have the same dimension")
+    _check_image(fixed_i, "fixed")
+    _check_image(moving_i, "moving")
+    _check_companion(fm, fixed_i, "fixed mask")
+    _check_companion(mm, moving_i, "moving mask")
+    _check_companion(fl, fixed_i, "fixed label map")
+    _check_companion(ml, moving_i, "moving label map")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but CUDA is not available on this machine")
+    to = lambda im: None if im is None else im.to(dev)  # noqa: E731
+    result = run_registration(to(fixed_i).to(torch.float32), to(moving_i).to(torch.float32), cfg,
+                              fixed_mask=to(fm), moving_mask=to(mm),
+                              progress=progress or Progress(quiet=quiet))
+    result.fixed, result.moving = fixed_i, moving_i
+    result.metrics = compute_metrics(result, fixed_labels=fl, moving_labels=ml, fixed_mask=fm)
+    result.fixed_labels, result.moving_labels = fl, ml
+    return result
+
+
+def _similarity_value(cfg: RegistrationConfig, fixed: Image, warped: Image) -> dict[str, float]:
+    from medreg.engine.driver import build_similarity
+
+    spec = cfg.stages[-1].similarity
+    sim = build_similarity(spec).to(fixed.data.device)
+    with torch.no_grad():
+        return {"name": spec["name"], "value": float(sim(fixed.batch(torch.float32), warped.batch(torch.float32)))}
+
+
+def compute_metrics(result: RegistrationResult, *, fixed_labels: Image | None = None,
+                    moving_labels: Image | None = None, fixed_mask: Image | None = None) -> dict[str, Any]:
+    """Similarity before/after, Jacobian statistics on the fixed grid, Dice/HD95 with labels."""
+    from medreg.metrics import displacement_metrics, label_metrics
+    from medreg.transforms import Identity
+
+    fixed, moving = result.fixed, result.moving
+    with torch.no_grad():
+        before = warp_image(moving.to(torch.float32), Identity(fixed.ndim), fixed.grid)
+        disp = result.transform.displacement(fixed.grid).detach().cpu()
+    m: dict[str, Any] = {
+        "similarity_before": _similarity_value(result.config, fixed, before),
+        "similarity_after": _similarity_value(result.config, fixed, result.warped),
+        "displacement": displacement_metrics(disp.double(), fixed.grid),
+        "runtime_s": round(result.runtime_s, 3),
+        "history": result.history,
+    }
+    if fixed_labels is not None and moving_labels is not None:
+        with torch.no_grad():
+            w_before = warp_labels(moving_labels, Identity(fixed.ndim), fixed.grid)
+            w_after = warp_labels(moving_labels, result.transform, fixed.grid)
+        labels = sorted(set(torch.unique(fixed_labels.data).tolist()) - {0})
+        b = label_metrics(fixed_labels, w_before, labels, surface=False).to_dict()
+        a = label_metrics(fixed_labels, w_after, labels).to_dict()
+        m["dice_before"] = b.get("mean_dice")
+        m["dice_after"] = a.get("mean_dice")
+        m["labels"] = a
+    return m
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import SimpleITK
+
+    from medreg import __version__
+
+    return {"medreg": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "SimpleITK": SimpleITK.Version_VersionString(), "python": platform.python_version()}
+
+
+def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwrite: bool = False,
+                qc: bool = True) -> dict[str, Path]:
+    """Write the standard output folder (see ``docs/architecture.md``): ``warped.nii.gz``,
+    ``warped_labels.nii.gz`` (with moving labels), ``transform.h5``, ``displacement.nii.gz``,
+    ``metrics.json``, ``qc.png``. Existing files are an error unless ``overwrite``."""
+    from medreg.io import write_displacement, write_image, write_transform
+
+    out = Path(outdir)
+    if out.exists() and any((out / f).exists() for f in OUTPUT_FILES) and not overwrite:
+        raise InputError(f"{out}: the output folder already holds registration outputs; "
+                         "pass --overwrite to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in OUTPUT_FILES}
+    fixed = result.fixed
+    write_image(result.warped.to("cpu"), paths["warped.nii.gz"])
+    transform = result.transform.to("cpu")
+    warped_labels = None
+    moving_labels = getattr(result, "moving_labels", None)
+    if moving_labels is not None:
+        with torch.no_grad():
+            warped_labels = warp_labels(moving_labels, transform, fixed.grid)
+        write_image(warped_labels, paths["warped_labels.nii.gz"])
+    else:
+        del paths["warped_labels.nii.gz"]
+    write_transform(transform, paths["transform.h5"], grid=fixed.grid)
+    write_displacement(transform, paths["displacement.nii.gz"], grid=fixed.grid)
+    meta = {**result.metrics, "preset_config": result.config.to_dict(), "versions": versions(),
+            "fixed": fixed.name, "moving": result.moving.name}
+    from medreg.metrics import to_jsonable
+
+    paths["metrics.json"].write_text(json.dumps(to_jsonable(meta), indent=2))
+    if qc:
+        from medreg.viz.qc import save_qc
+
+        with torch.no_grad():
+            disp = transform.displacement(fixed.grid).detach()
+        save_qc(paths["qc.png"], fixed, result.warped.to("cpu"), result.moving,
+                fixed_labels=getattr(result, "fixed_labels", None), moving_labels=moving_labels,
+                warped_labels=warped_labels, displacement=disp, metrics=result.metrics)
+    else:
+        del paths["qc.png"]
+    return paths

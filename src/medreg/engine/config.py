@@ -1,0 +1,192 @@
+"""Registration configuration: typed dataclasses read from YAML presets or ``--config`` files.
+
+A config is a mapping with global keys and a list of ``stages``, each optimised over its own
+image pyramid, e.g.::
+
+    initialisation: moments        # none | geometry | com | moments
+    stages:
+      - type: affine               # translation | rigid | similarity | affine | bspline | displacement | svf
+        levels: [4, 2]             # pyramid shrink factors, coarse to fine
+        iterations: [100, 50]
+        similarity: {name: ncc}
+      - type: svf
+        levels: [4, 2]
+        iterations: [80, 40]
+        lr: 0.5
+        similarity: {name: lncc, window: 5}
+        regularisation: {diffusion: 1.0}
+
+Unknown keys are errors (with the valid keys listed), so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from medreg.core.errors import InputError
+
+STAGE_TYPES = ("translation", "rigid", "similarity", "affine", "bspline", "displacement", "svf")
+LINEAR_TYPES = ("translation", "rigid", "similarity", "affine")
+INITIALISATIONS = ("none", "geometry", "com", "moments")
+OPTIMIZERS = ("adam", "lbfgs")
+
+
+@dataclass
+class StageConfig:
+    """One transform stage.
+
+    Attributes:
+        type: transform model (see ``STAGE_TYPES``).
+        levels: pyramid shrink factors, coarse to fine (1 = full resolution).
+        iterations: optimiser steps per level (one value for all levels, or one per level).
+        optimizer: ``adam`` or ``lbfgs``.
+        lr: learning rate. Linear stages: mm of translation per step (rotations and matrix
+            entries are scaled by the image radius so they move comparably). Deformable stages:
+            mm of displacement/velocity (B-spline: of coefficients) per step.
+        similarity: ``{name: ..., **params}`` for :func:`medreg.losses.create`.
+        regularisation: ``{name: weight}`` or ``{name: {weight: w, **params}}``.
+        smoothing: Gaussian σ in mm of the image pyramid per level (default ``0.5·factor·spacing``).
+        control_spacing: B-spline control-point spacing in mm.
+        steps: scaling-and-squaring steps (SVF).
+        symmetric: SVF/displacement: warp both images to the midpoint (inverse-consistent).
+        gradient_sigma: Gaussian σ (voxels of the level) applied to the gradient of dense fields
+            before each step (a "fluid-like" smoothing hook; 0 disables).
+        field_smoothing: Gaussian σ (voxels) applied to dense fields after each step
+            ("diffusion-like" smoothing, 0 disables).
+        tolerance: stop a level when the loss improved by less than this (relative) over
+            ``patience`` steps.
+        patience: steps over which convergence is checked.
+    """
+
+    type: str
+    levels: list[int] = field(default_factory=lambda: [4, 2])
+    iterations: list[int] | int = 100
+    optimizer: str = "adam"
+    lr: float | None = None
+    similarity: dict = field(default_factory=lambda: {"name": "ncc"})
+    regularisation: dict = field(default_factory=dict)
+    smoothing: list[float] | None = None
+    control_spacing: float = 10.0
+    steps: int = 7
+    symmetric: bool = False
+    gradient_sigma: float = 0.0
+    field_smoothing: float = 0.0
+    tolerance: float = 1e-5
+    patience: int = 20
+
+    def __post_init__(self) -> None:
+        if self.type not in STAGE_TYPES:
+            raise InputError(f"unknown stage type {self.type!r}; choose one of: {', '.join(STAGE_TYPES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        self.levels = [int(f) for f in (self.levels if isinstance(self.levels, list) else [self.levels])]
+        if not self.levels or any(f < 1 for f in self.levels):
+            raise InputError(f"stage {self.type}: levels must be shrink factors >= 1, got {self.levels}")
+        its = self.iterations if isinstance(self.iterations, list) else [self.iterations] * len(self.levels)
+        if len(its) != len(self.levels) or any(int(i) < 0 for i in its):
+            raise InputError(f"stage {self.type}: iterations must be one count or one per level "
+                             f"({len(self.levels)} levels), got {self.iterations}")
+        self.iterations = [int(i) for i in its]
+        if self.smoothing is not None and len(self.smoothing) != len(self.levels):
+            raise InputError(f"stage {self.type}: smoothing needs one σ (mm) per level")
+        if not isinstance(self.similarity, Mapping) or "name" not in self.similarity:
+            raise InputError(f"stage {self.type}: similarity must be a mapping with a 'name'")
+        if self.type in LINEAR_TYPES and self.symmetric:
+            raise InputError(f"stage {self.type}: symmetric mode is for svf/displacement stages")
+        if self.control_spacing <= 0 or self.steps < 0:
+            raise InputError(f"stage {self.type}: control_spacing must be > 0 and steps >= 0")
+
+    @property
+    def is_linear(self) -> bool:
+        return self.type in LINEAR_TYPES
+
+
+@dataclass
+class RegistrationConfig:
+    """A whole registration: initialisation and stages.
+
+    Attributes:
+        stages: run in order; each starts from the result of the previous ones.
+        initialisation: ``none``, ``geometry`` (image centres), ``com`` (centres of mass) or
+            ``moments`` (centres of mass and principal axes).
+        seed: random seed (runs are bit-identical on CPU for a given seed and thread count).
+        description: free text shown by ``medreg presets``.
+    """
+
+    stages: list[StageConfig]
+    initialisation: str = "com"
+    seed: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.initialisation not in INITIALISATIONS:
+            raise InputError(f"unknown initialisation {self.initialisation!r}; choose one of: "
+                             f"{', '.join(INITIALISATIONS)}")
+        if not self.stages:
+            raise InputError("a registration config needs at least one stage")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _strict(cls, data: Mapping[str, Any], where: str):
+    if not isinstance(data, Mapping):
+        raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def config_from_dict(data: Mapping[str, Any], where: str = "config") -> RegistrationConfig:
+    """Build a :class:`RegistrationConfig` from a plain mapping (strict about keys)."""
+    if not isinstance(data, Mapping):
+        raise InputError(f"{where}: expected a mapping at the top level")
+    data = dict(data)
+    stages = data.pop("stages", None)
+    if not isinstance(stages, list):
+        raise InputError(f"{where}: 'stages' must be a list of stage mappings")
+    built = [_strict(StageConfig, s, f"{where}: stage {i + 1}") for i, s in enumerate(stages)]
+    return _strict(RegistrationConfig, {**data, "stages": built}, where)
+
+
+def load_config(path: str | Path) -> RegistrationConfig:
+    """Read a YAML config file (same format as the presets)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return config_from_dict(data or {}, str(p))
+
+
+def merge_overrides(cfg: RegistrationConfig, **overrides: Any) -> RegistrationConfig:
+    """Copy of ``cfg`` with global keys replaced, or stage keys as ``stage<i>_<key>`` /
+    ``<key>`` applied to every stage that has it (e.g. ``iterations=10``)."""
+    data = cfg.to_dict()
+    stage_keys = {f.name for f in dataclasses.fields(StageConfig)}
+    for key, value in overrides.items():
+        if key in data and key != "stages":
+            data[key] = value
+        elif key == "stages":
+            data["stages"] = value
+        elif key.startswith("stage") and "_" in key and key[5:key.index("_")].isdigit():
+            i = int(key[5:key.index("_")]) - 1
+            sub = key[key.index("_") + 1:]
+            if not 0 <= i < len(data["stages"]) or sub not in stage_keys:
+                raise InputError(f"override {key!r}: no stage {i + 1} or key {sub!r}")
+            data["stages"][i][sub] = value
+        elif key in stage_keys:
+            for s in data["stages"]:
+                s[key] = value
+        else:
+            raise InputError(f"unknown override {key!r}; valid: {', '.join(sorted(set(data) | stage_keys))}")
+    return config_from_dict(data, "overrides")

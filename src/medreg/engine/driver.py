@@ -1,0 +1,359 @@
+"""The registration driver: stages × pyramid levels × optimiser steps.
+
+Convention:
+    The result maps fixed-space points to moving space: ``T = L ∘ D₁ ∘ … ∘ Dₖ`` where ``L`` is
+    the linear part (initialisation and linear stages) and ``Dᵢ`` are the deformable stages'
+    transforms on the fixed image's grid (the last applied first). Linear stages refine ``L``
+    as ``L ← L ∘ S`` with ``S`` near identity about the fixed image's centre; deformable stages
+    come after all linear stages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from medreg.core.errors import InputError
+from medreg.core.functional import gaussian_smooth
+from medreg.core.grid import Grid
+from medreg.core.image import Image
+from medreg.engine.config import RegistrationConfig, StageConfig
+from medreg.engine.initialise import initial_transform
+from medreg.engine.progress import Progress
+from medreg.engine.pyramid import pyramid_level, resample_field
+from medreg.transforms import (AffineTransform, BSplineTransform, Compose, DisplacementField,
+                               LinearTransform, RigidTransform, SimilarityTransform,
+                               SpatialTransform, StationaryVelocityField, TranslationTransform,
+                               collapse_linear, warp_image)
+from medreg.transforms.functional import scaling_and_squaring
+
+
+@dataclass
+class RegistrationResult:
+    """What a registration produced.
+
+    Attributes:
+        transform: fixed → moving map (world mm); ``warped(x) = moving(transform(x))``.
+        warped: the moving image resampled on the fixed grid (linear, float32).
+        fixed, moving: the inputs.
+        config: the configuration that ran.
+        history: one record per stage level (stage, type, factor, iterations, loss first/last,
+            seconds).
+        runtime_s: wall time of the optimisation.
+        inverse: moving → fixed map when the last stage is symmetric (exact SVF inverse).
+        metrics: filled by callers (similarity before/after, Jacobian statistics, Dice, ...).
+        fixed_labels, moving_labels: label maps given for evaluation (not used to optimise).
+    """
+
+    transform: SpatialTransform
+    warped: Image
+    fixed: Image
+    moving: Image
+    config: RegistrationConfig
+    history: list[dict] = field(default_factory=list)
+    runtime_s: float = 0.0
+    inverse: SpatialTransform | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    fixed_labels: Image | None = None
+    moving_labels: Image | None = None
+
+
+# ------------------------------------------------------------------ loss terms
+def build_similarity(spec: dict) -> nn.Module:
+    from medreg.losses import create
+
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return create(spec["name"], **params)
+
+
+def build_regularisers(spec: dict) -> list[tuple[float, nn.Module, str]]:
+    from medreg.losses import create
+
+    terms = []
+    for name, value in spec.items():
+        if isinstance(value, dict):
+            params = dict(value)
+            weight = float(params.pop("weight", 1.0))
+        else:
+            params, weight = {}, float(value)
+        if weight != 0:
+            terms.append((weight, create(name, **params), name))
+    return terms
+
+
+# ------------------------------------------------------------------ linear stages
+class _LinearModel(nn.Module):
+    """Normalised parameters of a linear stage ``S`` (near identity about ``center``).
+
+    Rotations, scales and matrix entries are divided by ``radius`` (mm) so that one unit of
+    every parameter moves image points by about 1 mm: translations and rotations move at
+    comparable rates under one learning rate.
+    """
+
+    def __init__(self, kind: str, ndim: int, center: Tensor, radius: float) -> None:
+        super().__init__()
+        self.kind, self.ndim, self.radius = kind, ndim, radius
+        self.register_buffer("center", center)
+        self.t = nn.Parameter(torch.zeros(ndim, dtype=torch.float64))
+        nrot = 1 if ndim == 2 else 3
+        if kind in ("rigid", "similarity"):
+            self.r = nn.Parameter(torch.zeros(nrot, dtype=torch.float64))
+        if kind == "similarity":
+            self.s = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        if kind == "affine":
+            self.a = nn.Parameter(torch.zeros(ndim, ndim, dtype=torch.float64))
+
+    def transform(self) -> LinearTransform:
+        d, c, r = self.ndim, self.center, self.radius
+        if self.kind == "translation":
+            return TranslationTransform(d, self.t, c, trainable=False, dtype=torch.float64)
+        if self.kind == "rigid":
+            return RigidTransform(d, self.r / r, self.t, c, "rotvec", trainable=False, dtype=torch.float64)
+        if self.kind == "similarity":
+            return SimilarityTransform(d, torch.exp(self.s / r), self.r / r, self.t, c, "rotvec",
+                                       trainable=False, dtype=torch.float64)
+        eye = torch.eye(d, dtype=torch.float64)
+        return AffineTransform(d, eye + self.a / r, self.t, c, trainable=False, dtype=torch.float64)
+
+
+def _radius(grid: Grid) -> float:
+    ext = [(n - 1) * s for n, s in zip(grid.size, grid.spacing)]
+    return max(1.0, 0.5 * math.sqrt(sum(e * e for e in ext)) / math.sqrt(grid.ndim))
+
+
+# ------------------------------------------------------------------ helpers
+def _smooth_voxels(x: Tensor, sigma: float) -> Tensor:
+    return gaussian_smooth(x, sigma, [1.0] * (x.dim() - 2)) if sigma > 0 else x
+
+
+@dataclass
+class _Level:
+    fixed: Image
+    moving: Image
+    fixed_mask: Tensor | None
+    moving_mask: Tensor | None
+
+
+def _prepare_level(fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
+                   factor: int, sigma: float | None) -> _Level:
+    f = pyramid_level(fixed, factor, sigma)
+    m = pyramid_level(moving, factor, sigma)
+    fm = pyramid_level(fixed_mask.to(torch.float32), factor, 0.0).data[None] if fixed_mask is not None else None
+    mm = pyramid_level(moving_mask.to(torch.float32), factor, 0.0).data[None] if moving_mask is not None else None
+    return _Level(f, m, fm, mm)
+
+
+class _Converged:
+    def __init__(self, tolerance: float, patience: int) -> None:
+        self.tol, self.patience, self.values = tolerance, patience, []
+
+    def __call__(self, value: float) -> bool:
+        self.values.append(value)
+        if self.tol <= 0 or len(self.values) <= self.patience:
+            return False
+        old = self.values[-1 - self.patience]
+        return (old - value) < self.tol * max(abs(old), 1e-12)
+
+
+def _similarity(sim: nn.Module, level: _Level, warped: Tensor, transform: SpatialTransform,
+                fixed_data: Tensor | None = None) -> Tensor:
+    mmask = None
+    if level.moving_mask is not None:
+        mmask = warp_image(level.moving_mask, transform, level.fixed.grid, level.moving.grid,
+                           padding="zeros", precise=False)
+    fixed = level.fixed.batch() if fixed_data is None else fixed_data
+    return sim(fixed, warped, fixed_mask=level.fixed_mask, moving_mask=mmask)
+
+
+def _optimise(params: list[nn.Parameter], closure: Callable[[], Tensor], stage: StageConfig,
+              iterations: int, lr: float, progress: Progress,
+              after_step: Callable[[], None] | None = None,
+              grad_hook: Callable[[], None] | None = None) -> tuple[int, float, float]:
+    """Run ``iterations`` optimiser steps; returns (steps done, first loss, last loss)."""
+    converged = _Converged(stage.tolerance, stage.patience)
+    first = last = float("nan")
+    if stage.optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    else:
+        opt = torch.optim.Adam(params, lr=lr)
+    steps = 0
+    for it in range(iterations):
+        def step_closure() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = closure()
+            if not torch.isfinite(loss):
+                raise InputError("the loss became NaN/inf: check the images (NaNs, constant "
+                                 "regions) or lower the learning rate")
+            loss.backward()
+            if grad_hook is not None:
+                grad_hook()
+            return loss
+
+        loss = opt.step(step_closure)
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
+        value = float(loss.detach())
+        first = value if it == 0 else first
+        last = value
+        steps = it + 1
+        progress.update(it + 1, value)
+        if converged(value):
+            break
+    return steps, first, last
+
+
+# ------------------------------------------------------------------ the driver
+def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
+                     fixed_mask: Image | None = None, moving_mask: Image | None = None,
+                     progress: Progress | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` with ``config``; see the module docstring."""
+    progress = progress or Progress(quiet=True)
+    if fixed.ndim != moving.ndim:
+        raise InputError(f"{fixed.name} is {fixed.ndim}D but {moving.name} is {moving.ndim}D")
+    seen_deformable = False
+    for s in config.stages:
+        if s.is_linear and seen_deformable:
+            raise InputError("linear stages must come before deformable stages")
+        seen_deformable |= not s.is_linear
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    linear: LinearTransform = initial_transform(fixed, moving, config.initialisation)
+    deformations: list[SpatialTransform] = []
+    history: list[dict] = []
+    inverse: SpatialTransform | None = None
+    nstages = len(config.stages)
+    for si, stage in enumerate(config.stages):
+        sim = build_similarity(stage.similarity)
+        regs = build_regularisers(stage.regularisation)
+        if stage.is_linear:
+            linear = _run_linear(si, nstages, stage, fixed, moving, fixed_mask, moving_mask, linear,
+                                 sim, regs, progress, history)
+        else:
+            deform, inv = _run_deformable(si, nstages, stage, fixed, moving, fixed_mask, moving_mask,
+                                          linear, deformations, sim, regs, progress, history)
+            deformations.append(deform)
+            inverse = inv
+    total: SpatialTransform = linear if not deformations else Compose(linear, *deformations)
+    if inverse is not None:
+        inverse = Compose(*[d.inverse() for d in reversed(deformations)], linear.inverse())
+    runtime = time.perf_counter() - t0
+    with torch.no_grad():
+        warped = warp_image(moving.to(torch.float32), total, fixed.grid, interpolation="linear")
+    return RegistrationResult(total, warped, fixed, moving, config, history, runtime, inverse)
+
+
+def _run_linear(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
+                fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
+                sim: nn.Module, regs: list, progress: Progress, history: list) -> LinearTransform:
+    center = linear.center.detach().double() if linear.center.abs().sum() > 0 else \
+        torch.tensor(fixed.grid.center(), dtype=torch.float64)
+    model = _LinearModel(stage.type, fixed.ndim, center, _radius(fixed.grid))
+    lr = stage.lr if stage.lr is not None else (1.0 if stage.optimizer == "lbfgs" else 0.5)
+    prev = linear
+    for li, factor in enumerate(stage.levels):
+        sigma = None if stage.smoothing is None else stage.smoothing[li]
+        level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma)
+        mdata = level.moving.batch()
+        progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
+        t_level = time.perf_counter()
+
+        def closure() -> Tensor:
+            t = Compose(prev, model.transform())
+            warped = warp_image(mdata, t, level.fixed.grid, level.moving.grid, padding="border",
+                                precise=False)
+            return _similarity(sim, level, warped, t)
+
+        steps, first, last = _optimise(list(model.parameters()), closure, stage,
+                                       stage.iterations[li], lr, progress)
+        progress.end(last)
+        history.append({"stage": si + 1, "type": stage.type, "factor": factor, "iterations": steps,
+                        "loss_first": first, "loss_last": last,
+                        "seconds": round(time.perf_counter() - t_level, 3)})
+    with torch.no_grad():
+        return collapse_linear([prev, model.transform()])
+
+
+def _run_deformable(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
+                    fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
+                    earlier: list[SpatialTransform], sim: nn.Module, regs: list,
+                    progress: Progress, history: list) -> tuple[SpatialTransform, SpatialTransform | None]:
+    if stage.symmetric and stage.type != "svf":
+        raise InputError(f"stage {si + 1}: symmetric mode needs a diffeomorphic (svf) stage")
+    lr = stage.lr if stage.lr is not None else 0.5
+    param: nn.Parameter | None = None
+    param_grid: Grid | None = None
+    bspline = BSplineTransform.from_grid(fixed.grid, stage.control_spacing, trainable=True) \
+        if stage.type == "bspline" else None
+    fixed_prefix = [linear, *earlier]
+    for li, factor in enumerate(stage.levels):
+        sigma = None if stage.smoothing is None else stage.smoothing[li]
+        level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma)
+        grid = level.fixed.grid
+        mdata = level.moving.batch()
+        if bspline is not None:
+            param = bspline.coefficients
+        elif param is None:
+            param = nn.Parameter(torch.zeros(1, grid.ndim, *grid.shape))
+        else:
+            param = nn.Parameter(resample_field(param.detach(), param_grid, grid))
+        param_grid = grid
+        progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
+        t_level = time.perf_counter()
+        prefix = fixed_prefix[0] if len(fixed_prefix) == 1 else Compose(*fixed_prefix)
+
+        def dense(p: Tensor, g: Grid = grid) -> Tensor:
+            if stage.type == "svf":
+                return scaling_and_squaring(p, g, stage.steps)
+            if stage.type == "bspline":
+                return bspline.displacement(g)
+            return p
+
+        def closure() -> Tensor:
+            if stage.symmetric:
+                half_fwd = scaling_and_squaring(param / 2, grid, stage.steps)
+                half_bwd = scaling_and_squaring(-param / 2, grid, stage.steps)
+                tm = Compose(prefix, DisplacementField(half_fwd, grid, check_finite=False))
+                tf = DisplacementField(half_bwd, grid, check_finite=False)
+                wm = warp_image(mdata, tm, grid, level.moving.grid, padding="border", precise=False)
+                wf = warp_image(level.fixed.batch(), tf, grid, grid, padding="border", precise=False)
+                loss = _similarity(sim, level, wm, tm, fixed_data=wf)
+            else:
+                u = dense(param)
+                t = Compose(prefix, DisplacementField(u, grid, check_finite=False))
+                warped = warp_image(mdata, t, grid, level.moving.grid, padding="border", precise=False)
+                loss = _similarity(sim, level, warped, t)
+            reg_input = param if stage.type in ("svf", "displacement") else dense(param)
+            for w, reg, _ in regs:
+                loss = loss + w * reg(reg_input, grid)
+            return loss
+
+        def grad_hook() -> None:
+            if stage.gradient_sigma > 0 and param.grad is not None and stage.type != "bspline":
+                param.grad = _smooth_voxels(param.grad, stage.gradient_sigma)
+
+        def after_step() -> None:
+            if stage.field_smoothing > 0 and stage.type != "bspline":
+                param.copy_(_smooth_voxels(param, stage.field_smoothing))
+
+        steps, first, last = _optimise([param], closure, stage, stage.iterations[li], lr, progress,
+                                       after_step, grad_hook)
+        progress.end(last)
+        history.append({"stage": si + 1, "type": stage.type, "factor": factor, "iterations": steps,
+                        "loss_first": first, "loss_last": last,
+                        "seconds": round(time.perf_counter() - t_level, 3)})
+    # the stage's transform on the full-resolution fixed grid
+    with torch.no_grad():
+        if stage.type == "bspline":
+            return BSplineTransform(bspline.control, bspline.coefficients.detach(), trainable=False), None
+        full = fixed.grid
+        p = resample_field(param.detach(), param_grid, full)
+        if stage.type == "svf":
+            svf = StationaryVelocityField(p, full, stage.steps)
+            return svf, (svf.inverse() if stage.symmetric else None)
+        return DisplacementField(p, full), None
