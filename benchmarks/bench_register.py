@@ -58,10 +58,24 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 # =============================================================================== worker side
 # (runs in the fresh subprocess; imports only what its method needs)
 
+_MARKS: dict[str, float] = {}
+
+
+def _mark_rss() -> None:
+    """Peak RSS so far (imports + inputs read), just before the timed registration call."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                _MARKS["rss_before_reg_mb"] = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+
+
 def _worker_identity(a: argparse.Namespace, out: Path) -> float:
     import SimpleITK as sitk
 
     fixed = sitk.ReadImage(a.fixed)
+    _mark_rss()
     t0 = time.perf_counter()
     if a.moving_labels:
         ml = sitk.ReadImage(a.moving_labels)
@@ -81,6 +95,7 @@ def _worker_ants(a: argparse.Namespace, out: Path) -> float:
     ants.config._random_seed = a.seed  # passed as --random-seed to antsRegistration
     f = ants.image_read(a.fixed, pixeltype="float")
     m = ants.image_read(a.moving, pixeltype="float")
+    _mark_rss()
     t0 = time.perf_counter()
     reg = ants.registration(f, m, type_of_transform="SyN", outprefix=str(out / "ants_"))
     reg_s = time.perf_counter() - t0
@@ -107,9 +122,11 @@ def _worker_elastix(a: argparse.Namespace, out: Path) -> float:
     po = itk.ParameterObject.New()
     for name in ("rigid", "affine", "bspline"):
         po.AddParameterMap(po.GetDefaultParameterMap(name))
+    _mark_rss()
     t0 = time.perf_counter()
-    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False,
-                                                number_of_threads=a.threads)
+    # threads come from the ITK global default (set above and by the environment): passing
+    # number_of_threads= segfaults itk-elastix 0.25.4 with rigid + affine + B-spline maps
+    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False)
     reg_s = time.perf_counter() - t0
     field = itk.transformix_deformation_field(m, params)
     itk.imwrite(field, str(out / "displacement.nii.gz"))
@@ -120,10 +137,9 @@ def _worker_elastix(a: argparse.Namespace, out: Path) -> float:
             params.SetParameter(i, "ResampleInterpolator", "FinalNearestNeighborInterpolator")
         wl = itk.transformix_filter(ml, params)
         itk.imwrite(wl, str(out / "warped_labels.nii.gz"))
-    po_out = out / "elastix_params"
-    po_out.mkdir(exist_ok=True)
-    for i in range(params.GetNumberOfParameterMaps()):
-        params.WriteParameterFile(params.GetParameterMap(i), str(po_out / f"TransformParameters.{i}.txt"))
+    maps = [{k: list(v) for k, v in params.GetParameterMap(i).items()
+             if k != "TransformParameters"} for i in range(params.GetNumberOfParameterMaps())]
+    (out / "elastix_maps.json").write_text(json.dumps(maps, indent=1))
     return reg_s
 
 
@@ -144,7 +160,7 @@ def worker_main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     reg_s = _WORKERS[a.method](a, out)
-    info = {"method": a.method, "reg_s": reg_s, "worker_s": time.perf_counter() - t0}
+    info = {"method": a.method, "reg_s": reg_s, "worker_s": time.perf_counter() - t0, **_MARKS}
     (out / "worker.json").write_text(json.dumps(info, indent=1))
     return 0
 
@@ -158,27 +174,57 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
+#: Tiny launcher between the parent and each run. The kernel counts the RSS of the process that
+#: fork()s into the child's peak RSS (the pre-exec copy), so the parent, which holds torch and
+#: the evaluated volumes, must not be that process. This one (python -I -S) adds ~10 MB.
+_LAUNCHER = r"""
+import json, os, sys, time
+out, cmd = sys.argv[1], sys.argv[2:]
+t0 = time.perf_counter()
+pid = os.posix_spawn(cmd[0], cmd, os.environ)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+code = os.waitstatus_to_exitcode(status)
+with open(out, "w") as fh:
+    json.dump({"wall_s": wall, "returncode": code, "peak_rss_mb": ru.ru_maxrss / 1024.0,
+               "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, fh)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def _run_child(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> dict:
-    """Run ``cmd``; wall seconds, exit status and the child's own peak RSS (MB)."""
+    """Run ``cmd`` (via the launcher) in ``log``'s folder: wall seconds, exit status, the run's
+    peak RSS (MB). The run's folder is its working directory: transformix writes
+    ``deformationField.nii`` into the current directory."""
+    usage = log.with_name("rusage.json")
     with open(log, "w") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        timed_out = False
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - t0 > timeout:
-                os.killpg(proc.pid, signal.SIGKILL)
-                timed_out = True
-                pid, status, ru = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-        wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "returncode": proc.returncode, "timed_out": timed_out,
-            "peak_rss_mb": ru.ru_maxrss / 1024.0}  # Linux: KiB
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage), *cmd],
+                                env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=str(log.parent))
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher's session: only this run
+            proc.wait()
+            timed_out = True
+        outer = time.perf_counter() - t0
+    res = {"wall_s": outer, "returncode": proc.returncode, "peak_rss_mb": float("nan")}
+    if usage.exists():
+        res.update(json.loads(usage.read_text()))
+    res["timed_out"] = timed_out
+    return res
+
+
+def rss_floor_mb() -> float:
+    """Peak RSS the launcher reports for ``true``: the offset in every peak_rss_mb."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        r = _run_child([shutil.which("true") or "/bin/true"], dict(os.environ),
+                       Path(d) / "run.log", 30)
+    return r["peak_rss_mb"]
 
 
 _MEDREG_OK: bool | None = None
@@ -228,7 +274,7 @@ def _consistency(pair: Pair, disp_path: Path, warped_path: Path) -> float | None
     ml = sitk.Cast(ml, sitk.sitkInt32)
     disp = sitk.ReadImage(str(disp_path), sitk.sitkVectorFloat64)
     tx = sitk.DisplacementFieldTransform(disp)
-    mine = sitk.GetArrayViewFromImage(
+    mine = sitk.GetArrayFromImage(
         sitk.Resample(ml, ref, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32))
     theirs = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(warped_path)))).astype(np.int64)
     if mine.shape != theirs.shape:
@@ -323,8 +369,12 @@ def run_one(method: str, pair: Pair, a: argparse.Namespace) -> dict:
            "outdir": str(out)}
     if method == "medreg":
         row["preset"] = cmd[cmd.index("--preset") + 1]
+    row["loadavg_before"] = os.getloadavg()[0]
     res = _run_child(cmd, env, out / "run.log", a.timeout)
     row.update(res)
+    row["loadavg_after"] = os.getloadavg()[0]
+    if "user_s" in res:
+        row["cpu_s"] = res["user_s"] + res["sys_s"]
     if res["returncode"] != 0:
         tail = (out / "run.log").read_text(errors="replace").strip().splitlines()[-3:]
         row["status"] = "timeout" if res["timed_out"] else "failed"
@@ -333,7 +383,10 @@ def run_one(method: str, pair: Pair, a: argparse.Namespace) -> dict:
         return row
     wj = out / "worker.json"
     if wj.exists():
-        row["reg_s"] = json.loads(wj.read_text())["reg_s"]
+        info = json.loads(wj.read_text())
+        row["reg_s"] = info["reg_s"]
+        if "rss_before_reg_mb" in info:
+            row["rss_before_reg_mb"] = info["rss_before_reg_mb"]
     if method == "medreg":
         row.update(_medreg_extras(out))
     t0 = time.perf_counter()
@@ -364,7 +417,8 @@ def _versions() -> dict:
 # ------------------------------------------------------------------------------- reporting
 
 SUMMARY_KEYS = ("dice", "hd95", "sdlogj", "folding_percent", "ndv_percent", "reg_s", "wall_s",
-                "peak_rss_mb", "consistency", "tre_corrected51", "tre_all100")
+                "cpu_s", "peak_rss_mb", "consistency", "tre_corrected51", "tre_all100",
+                "loadavg_before")
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -379,7 +433,12 @@ def summarize(rows: list[dict]) -> dict:
         out[ds] = {}
         for m, rs in by_method.items():
             ok = [r for r in rs if r.get("status") == "ok"]
-            flat = [{k: r.get(k) for k in SUMMARY_KEYS} for r in ok]
+            flat = []
+            for r in ok:
+                f = {k: r.get(k) for k in SUMMARY_KEYS}
+                if f["cpu_s"] is None and r.get("user_s") is not None:
+                    f["cpu_s"] = r["user_s"] + r.get("sys_s", 0.0)
+                flat.append(f)
             s = summarize_cohort(flat) if flat else {}
             out[ds][m] = {"n_ok": len(ok), "n_failed": len(rs) - len(ok), "metrics": s}
     return out
@@ -400,7 +459,7 @@ def markdown(summary: dict) -> str:
         has_tre = any("tre_corrected51" in v["metrics"] for v in by_method.values())
         lines.append(f"\n#### {ds}\n")
         head = ["method", "pairs", "Dice", "HD95 mm", "SDlogJ", "fold %", "NDV %", "reg s",
-                "wall s", "peak RSS MB", "consistency"]
+                "wall s", "CPU s", "peak RSS MB", "consistency", "load"]
         if has_tre:
             head += ["TRE51 mm", "TRE100 mm"]
         lines.append("| " + " | ".join(head) + " |")
@@ -410,8 +469,9 @@ def markdown(summary: dict) -> str:
             n = f"{v['n_ok']}" + (f" (+{v['n_failed']} failed)" if v["n_failed"] else "")
             cells = [m, n, _fmt(s, "dice", 3), _fmt(s, "hd95", 2), _fmt(s, "sdlogj", 3),
                      _fmt(s, "folding_percent", 4), _fmt(s, "ndv_percent", 4),
-                     _fmt(s, "reg_s", 1), _fmt(s, "wall_s", 1), _fmt(s, "peak_rss_mb", 0),
-                     _fmt(s, "consistency", 4)]
+                     _fmt(s, "reg_s", 1), _fmt(s, "wall_s", 1), _fmt(s, "cpu_s", 1),
+                     _fmt(s, "peak_rss_mb", 0), _fmt(s, "consistency", 4),
+                     _fmt(s, "loadavg_before", 1)]
             if has_tre:
                 cells += [_fmt(s, "tre_corrected51", 2), _fmt(s, "tre_all100", 2)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -459,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(summarize(_load_rows(a.render))))
         return 0
     a.preset_for = dict(s.split("=", 1) for s in a.preset_for)
+    a.workdir = str(Path(a.workdir).resolve())
+    a.data = str(Path(a.data).resolve())
     methods = a.method or list(METHODS)
     datasets = a.dataset or ["vxm"]
     if "medreg" in methods and not medreg_available():
@@ -475,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["dataset"], r["pair"], r["method"], r.get("preset")) for r in rows}
     meta = {"argv": [sys.executable, *sys.argv], "versions": _versions(), "threads": a.threads,
             "seed": a.seed, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "nice": os.nice(0)}
+            "nice": os.nice(0), "rss_floor_mb": rss_floor_mb()}
 
     def save() -> None:
         payload = {"meta": meta, "rows": rows, "summary": summarize(rows)}

@@ -12,7 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDREG_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tests run in 2 processes (pytest-xdist), one thread each
 
 
 @pytest.fixture

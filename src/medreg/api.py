@@ -28,8 +28,10 @@ OUTPUT_FILES = ("warped.nii.gz", "warped_labels.nii.gz", "transform.h5", "displa
 def _load(x: Image | str | os.PathLike | None, what: str, label: bool = False) -> Image | None:
     from medreg.io import read_image
 
-    if x is None or isinstance(x, Image):
-        return x
+    if x is None:
+        return None
+    if isinstance(x, Image):
+        return x.with_data(x.data.detach())
     return read_image(x, label=label)
 
 

@@ -8,8 +8,8 @@ cost is a few separable filters or small matrix products:
   that needs a gradient, instead of autograd's transposed convolutions over every saved
   intermediate.
 * :class:`JointHistogram`: the Parzen-window joint histogram of MI, accumulated over chunks of
-  voxels as ``W_fixedᵀ W_moving`` with dense per-chunk weight matrices (cubic B-spline: 4
-  non-zeros per row; Gaussian: all bins), so no ``(voxels × bins)`` tensor ever exists in full.
+  voxels from sparse weights (4 bins per sample for the cubic B-spline, ``2⌈6σ⌉+1`` for the
+  Gaussian) with ``scatter_add_``, so no ``(voxels × bins)`` tensor ever exists.
 
 Both are exact (checked with :func:`torch.autograd.gradcheck` in the tests) but do not support
 double backward.
@@ -17,6 +17,7 @@ double backward.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -58,8 +59,6 @@ def filter_separable(x: Tensor, kernels: Sequence[Tensor | None], padding: str =
         if any(pads):
             x = F.pad(x, pads, mode="replicate")
     fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(d)
-    if fmt is not None and k > 1:
-        x = x.contiguous(memory_format=fmt)
     for comp, ker in enumerate(kernels):
         if ker is None or ker.numel() == 1:
             if ker is not None and float(ker.reshape(-1)[0]) != 1.0:
@@ -72,6 +71,8 @@ def filter_separable(x: Tensor, kernels: Sequence[Tensor | None], padding: str =
         pad = [0] * d
         if padding == "zeros":
             pad[axis] = ker.numel() // 2
+        if fmt is not None and k > 1:  # a no-op when the previous pass kept the layout
+            x = x.contiguous(memory_format=fmt)
         x = conv(x, weight, padding=tuple(pad), groups=k)
     return x
 
@@ -99,31 +100,127 @@ def window_counts(shape: Sequence[int], kernels: Sequence[Tensor | None], *, dty
     return out
 
 
+class LocalMean(torch.autograd.Function):
+    """Mean of every channel over a window truncated at the image border, ``S(x) / S(1)``.
+
+    ``S`` is :func:`filter_separable` with zero padding (self-adjoint for symmetric kernels),
+    so the backward pass is ``S(g / S(1))``: one more filter, and nothing is saved but the
+    kernels. Input ``(B, K, *spatial)``; output contiguous, same shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernels: list) -> Tensor:  # type: ignore[override]
+        ctx.kernels = kernels
+        counts = window_counts(x.shape[2:], kernels, dtype=x.dtype, device=x.device)
+        return (filter_separable(x, kernels, "zeros") / counts).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        counts = window_counts(grad.shape[2:], ctx.kernels, dtype=grad.dtype,
+                               device=grad.device)
+        return filter_separable(grad / counts, ctx.kernels, "zeros").contiguous(), None
+
+
+def _window_view(x: Tensor, start: Sequence[int], size: Sequence[int]) -> Tensor:
+    for a, (s0, n) in enumerate(zip(start, size)):
+        x = x.narrow(2 + a, s0, n)
+    return x
+
+
+class GatherWindows(torch.autograd.Function):
+    """Stack shifted windows of channels: ``out[:, t] = src[:, k_t, start_t : start_t + size]``.
+
+    The backward pass accumulates into one zero tensor (autograd would allocate a full-size
+    zero tensor per slice). ``taps`` is a tuple of ``(channel, start)`` with ``start`` per
+    spatial axis in tensor order.
+    """
+
+    @staticmethod
+    def forward(ctx, src: Tensor, taps: tuple, size: tuple) -> Tensor:  # type: ignore[override]
+        ctx.taps, ctx.size, ctx.src_shape = taps, size, src.shape
+        out = src.new_empty(src.shape[0], len(taps), *size)
+        for t, (k, start) in enumerate(taps):
+            out[:, t].copy_(_window_view(src[:, k:k + 1], start, size)[:, 0])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        gsrc = grad.new_zeros(ctx.src_shape)
+        for t, (k, start) in enumerate(ctx.taps):
+            _window_view(gsrc[:, k:k + 1], start, ctx.size)[:, 0].add_(grad[:, t])
+        return gsrc, None, None
+
+
+class MindDescriptor(torch.autograd.Function):
+    """MIND's normalisation of patch distances: ``exp(−(D − min D) / V)``.
+
+    Input ``D`` ``(B, P, *spatial)`` (``P`` pair distances per voxel). ``V`` is the mean of
+    ``D − min D`` over the pairs, clamped to ``[lo, hi] × level`` with ``level`` its mean over
+    the voxels of each row (then ``+ 1e-12``). Saves ``D − min D`` and the per-voxel ``V``;
+    the backward pass includes the paths through the minimum, ``V`` and the clamp bounds.
+    """
+
+    @staticmethod
+    def forward(ctx, dist: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
+        mn, arg = dist.min(1, keepdim=True)
+        e = dist - mn
+        vraw = e.mean(1, keepdim=True)
+        dims = tuple(range(2, dist.dim()))
+        level = vraw.mean(dims, keepdim=True)
+        v = torch.minimum(torch.maximum(vraw, lo * level), hi * level)
+        # which bound is active: 0 none, 1 low, 2 high
+        state = (vraw < lo * level).to(torch.uint8) + 2 * (vraw > hi * level).to(torch.uint8)
+        v = v + 1e-12
+        desc = torch.div(e, v).neg_().exp_()
+        ctx.save_for_backward(e, v, arg.to(torch.uint8), state, desc)
+        ctx.lo, ctx.hi = lo, hi
+        return desc
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        e, v, arg, state, desc = ctx.saved_tensors
+        p = e.shape[1]
+        gd = grad * desc
+        gv = (gd * e).sum(1, keepdim=True) / (v * v)
+        ge = gd.div_(v).neg_()  # direct path
+        dims = tuple(range(2, e.dim()))
+        nvox = math.prod(e.shape[2:])
+        glevel = (torch.where(state == 1, gv * ctx.lo, torch.zeros_like(gv))
+                  + torch.where(state == 2, gv * ctx.hi, torch.zeros_like(gv))).sum(dims, keepdim=True)
+        gvraw = torch.where(state == 0, gv, torch.zeros_like(gv)) + glevel / nvox
+        ge.add_(gvraw / p)
+        # e = D − D[argmin]: the minimum's channel receives minus the sum
+        return ge.scatter_add_(1, arg.long(), -ge.sum(1, keepdim=True)), None, None
+
+
 # --------------------------------------------------------------------------- LNCC
+def _stack_channels_last(fields: Sequence[Tensor]) -> Tensor:
+    """Stack ``(B, 1, *spatial)`` tensors into ``(B, K, *spatial)`` laid out channels-last."""
+    return torch.stack([f[:, 0] for f in fields], dim=-1).movedim(-1, 1)
+
+
 def _local_moments(fixed: Tensor, warped: Tensor, mask: Tensor | None,
                    kernels: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Local weighted means ``a, b`` and (co)variances ``vf, vw, c`` and the local mass ``n``."""
-    # one stacked tensor, channels innermost, filtered in one go
     if mask is None:
         fields = [fixed, warped, fixed * fixed, warped * warped, fixed * warped]
     else:
         mf, mw = mask * fixed, mask * warped
         fields = [mf, mw, mf * fixed, mw * warped, mf * warped, mask.expand_as(fixed)]
-    stacked = torch.cat(fields, dim=1)
+    stacked = _stack_channels_last(fields)  # channels innermost: filtered in one go
     del fields
-    sums = filter_separable(stacked, kernels, "zeros").contiguous()
+    sums = filter_separable(stacked, kernels, "zeros")
     del stacked
     if mask is None:
         n = window_counts(fixed.shape[2:], kernels, dtype=fixed.dtype, device=fixed.device)
-        sums = sums / n
     else:
         n = sums[:, 5:6].clamp_min(TINY)
-        sums = sums[:, :5] / n
-    a, b, aa, bb, ab = sums.unbind(1)
-    a, b = a.unsqueeze(1), b.unsqueeze(1)
-    vf = (aa.unsqueeze(1) - a * a).clamp_min_(0.0)
-    vw = (bb.unsqueeze(1) - b * b).clamp_min_(0.0)
-    c = ab.unsqueeze(1) - a * b
+        sums = sums[:, :5]
+    sums = sums / n
+    a, b, aa, bb, ab = (sums[:, i:i + 1] for i in range(5))
+    vf = torch.addcmul(aa, a, a, value=-1.0).clamp_min_(0.0)
+    vw = torch.addcmul(bb, b, b, value=-1.0).clamp_min_(0.0)
+    c = torch.addcmul(ab, a, b, value=-1.0)
     return a, b, vf, vw, c, n
 
 
@@ -139,8 +236,9 @@ class LocalCorrelation(torch.autograd.Function):
     def forward(ctx, fixed: Tensor, warped: Tensor, mask: Tensor | None, kernels: list,
                 eps: float, squared: bool) -> Tensor:  # type: ignore[override]
         a, b, vf, vw, c, n = _local_moments(fixed, warped, mask, kernels)
-        den = vf * vw + eps
-        r = c * c / den if squared else c * torch.rsqrt(den)
+        den = torch.mul(vf, vw).add_(eps)
+        r = torch.mul(c, c).div_(den) if squared else torch.mul(c, den.rsqrt_())
+        del den
         ctx.save_for_backward(fixed, warped, mask, a, b, vf, vw, c, n)
         ctx.kernels = kernels
         ctx.eps = eps
@@ -153,139 +251,172 @@ class LocalCorrelation(torch.autograd.Function):
         need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_f or need_w):
             return None, None, None, None, None, None
-        den = vf * vw + ctx.eps
-        if ctx.squared:
-            gc = grad * 2.0 * c / den
-            t = grad * c * c / (den * den)
-        else:
-            inv = torch.rsqrt(den)
-            gc = grad * inv
-            t = grad * c * inv / (2.0 * den)
-        # d r / d vf = -t vw, d r / d vw = -t vf; no gradient where a variance was clamped
-        gvf = torch.where(vf > 0, -t * vw, torch.zeros_like(t))
-        gvw = torch.where(vw > 0, -t * vf, torch.zeros_like(t))
+        den = torch.mul(vf, vw).add_(ctx.eps)
+        if ctx.squared:  # r = c²/den: dr/dc = 2c/den, dr/dden = −c²/den²
+            gc = torch.div(c, den).mul_(grad)
+            t = torch.mul(gc, c).div_(den)
+            gc.mul_(2.0)
+        else:  # r = c/√den: dr/dc = 1/√den, dr/dden = −c/(2 den^1.5)
+            inv = den.rsqrt_()
+            gc = torch.mul(grad, inv)
+            t = torch.mul(gc, c).mul_(inv).mul_(inv).mul_(0.5)
+        del den
+        # dr/dvf = −t·vw, dr/dvw = −t·vf; no gradient where a variance was clamped at 0
+        gvf = torch.mul(t, vw).neg_().masked_fill_(vf <= 0, 0.0)
+        gvw = torch.mul(t, vf).neg_().masked_fill_(vw <= 0, 0.0)
         del t
-        # moments are S(m x) / n: upstream gradients of the filtered fields, divided by n
+        # the moments are S(m·x)/n: gradients of the filtered fields are (upstream)/n
         fields = []
-        if need_f:
-            fields += [(-gc * b - 2.0 * gvf * a) / n, gvf / n]
+        if need_f:  # d/da = −gc·b − 2 gvf·a, d/d(aa) = gvf
+            fields += [torch.mul(gc, b).addcmul_(gvf, a, value=2.0).neg_().div_(n),
+                       gvf.div_(n)]
         if need_w:
-            fields += [(-gc * a - 2.0 * gvw * b) / n, gvw / n]
-        fields.append(gc / n)
+            fields += [torch.mul(gc, a).addcmul_(gvw, b, value=2.0).neg_().div_(n),
+                       gvw.div_(n)]
+        fields.append(gc.div_(n))  # d/d(ab) = gc
         del gc, gvf, gvw
-        back = filter_separable(torch.cat(fields, dim=1), ctx.kernels, "zeros").contiguous()
+        back = filter_separable(_stack_channels_last(fields), ctx.kernels, "zeros")
         del fields
         s_ab = back[:, -1:]
         grad_f = grad_w = None
         i = 0
         if need_f:
-            grad_f = back[:, 0:1] + 2.0 * fixed * back[:, 1:2] + warped * s_ab
+            grad_f = torch.addcmul(back[:, 0:1], fixed, back[:, 1:2], value=2.0)
+            grad_f.addcmul_(warped, s_ab)
             i = 2
             if mask is not None:
-                grad_f = grad_f * mask
+                grad_f.mul_(mask)
         if need_w:
-            grad_w = back[:, i:i + 1] + 2.0 * warped * back[:, i + 1:i + 2] + fixed * s_ab
+            grad_w = torch.addcmul(back[:, i:i + 1], warped, back[:, i + 1:i + 2], value=2.0)
+            grad_w.addcmul_(fixed, s_ab)
             if mask is not None:
-                grad_w = grad_w * mask
+                grad_w.mul_(mask)
         return grad_f, grad_w, None, None, None, None
 
 
 # --------------------------------------------------------------------------- MI
-def _bspline_weights(t: Tensor, bins: int, derivative: bool) -> tuple[Tensor, Tensor | None]:
-    """Dense cubic B-spline Parzen weights ``(c, bins)`` (and d/dt) for bin coordinates ``t``.
+#: Gaussian Parzen windows are truncated where the weight falls below exp(-18) of the peak
+#: (beyond 6σ + ½ bin), far below float32 resolution of the normalised weights.
+GAUSS_TRUNCATE = 6.0
 
-    ``t`` must lie in ``[2, bins - 3]`` so that the 4 supporting bins are inside.
+
+def parzen_support(bins: int, parzen: str, sigma: float) -> int:
+    """Number ``S`` of consecutive bins a sample contributes to."""
+    if parzen == "bspline":
+        return 4
+    return min(bins, 2 * int(math.ceil(GAUSS_TRUNCATE * sigma)) + 1)
+
+
+def parzen_weights(t: Tensor, bins: int, parzen: str, sigma: float, derivative: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Sparse Parzen weights of bin coordinates ``t`` ``(c,)``.
+
+    Returns:
+        ``start`` ``(c,)`` long: first supporting bin; ``w`` ``(c, S)``: the weights of bins
+        ``start .. start + S − 1`` (rows sum to 1, all bins valid); ``dw`` ``(c, S)``: their
+        derivative w.r.t. ``t`` (or None).
+
+    B-spline (cubic): ``t`` must lie in ``[2, bins − 3]``. Gaussian: centres at ``0..bins−1``,
+    standard deviation ``sigma`` bins, renormalised over the bins that exist (as a dense
+    evaluation over all bins would be, up to the truncation).
     """
-    i0 = t.floor().clamp_(2, bins - 3)
-    u = (t - i0).unsqueeze(1)  # (c, 1) in [0, 1]
-    idx = i0.long().unsqueeze(1) + torch.arange(-1, 3, device=t.device)
-    u2 = u * u
-    u3 = u2 * u
-    w = torch.cat([(1 - u) ** 3 / 6, (3 * u3 - 6 * u2 + 4) / 6,
-                   (-3 * u3 + 3 * u2 + 3 * u + 1) / 6, u3 / 6], dim=1)
-    dense = torch.zeros(t.shape[0], bins, dtype=t.dtype, device=t.device).scatter_(1, idx, w)
-    if not derivative:
-        return dense, None
-    dw = torch.cat([-0.5 * (1 - u) ** 2, 1.5 * u2 - 2 * u, -1.5 * u2 + u + 0.5, 0.5 * u2], dim=1)
-    ddense = torch.zeros_like(dense).scatter_(1, idx, dw)
-    return dense, ddense
-
-
-def _gaussian_weights(t: Tensor, bins: int, sigma: float,
-                      derivative: bool) -> tuple[Tensor, Tensor | None]:
-    """Row-normalised Gaussian Parzen weights ``(c, bins)`` (and d/dt), centres at 0..bins-1."""
-    centres = torch.arange(bins, dtype=t.dtype, device=t.device)
-    z = (t.unsqueeze(1) - centres) / sigma
+    if parzen == "bspline":
+        i0 = t.floor().clamp_(2, bins - 3)
+        u = (t - i0).unsqueeze(1)  # (c, 1) in [0, 1]
+        u2 = u * u
+        u3 = u2 * u
+        w = torch.cat([(1 - u) ** 3 / 6, (3 * u3 - 6 * u2 + 4) / 6,
+                       (-3 * u3 + 3 * u2 + 3 * u + 1) / 6, u3 / 6], dim=1)
+        dw = None
+        if derivative:
+            dw = torch.cat([-0.5 * (1 - u) ** 2, 1.5 * u2 - 2 * u, -1.5 * u2 + u + 0.5,
+                            0.5 * u2], dim=1)
+        return i0.long() - 1, w, dw
+    size = parzen_support(bins, parzen, sigma)
+    radius = size // 2
+    start = (t.round() - radius).clamp_(0, bins - size)
+    z = (t.unsqueeze(1) - start.unsqueeze(1)
+         - torch.arange(size, dtype=t.dtype, device=t.device)) / sigma
     e = torch.exp(-0.5 * z * z)
     w = e / e.sum(1, keepdim=True)
-    if not derivative:
-        return w, None
-    s = -z / sigma  # d log e / dt
-    dw = w * (s - (w * s).sum(1, keepdim=True))
-    return w, dw
+    dw = None
+    if derivative:
+        s = -z / sigma  # d log e / dt
+        dw = w * (s - (w * s).sum(1, keepdim=True))
+    return start.long(), w, dw
 
 
-def parzen_weights(t: Tensor, bins: int, parzen: str, sigma: float,
-                   derivative: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Parzen weights of bin coordinates ``t`` ``(c,)`` → ``(c, bins)`` (rows sum to 1)."""
-    if parzen == "bspline":
-        return _bspline_weights(t, bins, derivative)
-    return _gaussian_weights(t, bins, sigma, derivative)
-
-
-def _chunk_size(bins: int) -> int:
-    return max(1024, (1 << 20) // max(bins, 1))
+def _chunk_size(support: int) -> int:
+    """Voxels per chunk: about 4 M joint-histogram contributions (≈ 60 MB of temporaries);
+    large chunks keep the number of (thread-synchronised) tensor operations small."""
+    return max(4096, (1 << 22) // (support * support))
 
 
 class JointHistogram(torch.autograd.Function):
     """Parzen joint histogram ``P[b, i, j] = Σ_v m_v K(tf_v − i) K(tm_v − j)``.
 
     Inputs ``tf, tm``: ``(B, V)`` bin coordinates; ``mask``: ``(B, V)`` weights or None (not
-    differentiated). Output ``(B, bins, bins)`` (unnormalised: sums to ``Σ m``).
+    differentiated). Output ``(B, bins, bins)`` (unnormalised: sums to ``Σ m``). Each sample
+    adds ``S × S`` weights (``S`` = :func:`parzen_support`) with one ``scatter_add_`` per chunk
+    of voxels; the backward pass gathers the ``S × S`` upstream gradients per sample.
     """
 
     @staticmethod
     def forward(ctx, tf: Tensor, tm: Tensor, mask: Tensor | None, bins: int, parzen: str,
                 sigma: float) -> Tensor:  # type: ignore[override]
         nb, nv = tf.shape
-        out = torch.zeros(nb, bins, bins, dtype=tf.dtype, device=tf.device)
-        step = _chunk_size(bins)
+        size = parzen_support(bins, parzen, sigma)
+        offsets = _offsets(size, bins, tf.device)
+        out = torch.zeros(nb, bins * bins, dtype=tf.dtype, device=tf.device)
+        step = _chunk_size(size)
         for i in range(nb):
             for s in range(0, nv, step):
-                wf, _ = parzen_weights(tf[i, s:s + step], bins, parzen, sigma)
-                wm, _ = parzen_weights(tm[i, s:s + step], bins, parzen, sigma)
+                sf, wf, _ = parzen_weights(tf[i, s:s + step], bins, parzen, sigma)
+                sm, wm, _ = parzen_weights(tm[i, s:s + step], bins, parzen, sigma)
                 if mask is not None:
                     wf = wf * mask[i, s:s + step].unsqueeze(1)
-                out[i].addmm_(wf.t(), wm)
+                index = (sf * bins + sm).unsqueeze(1) + offsets  # (c, S*S)
+                out[i].scatter_add_(0, index.reshape(-1),
+                                    (wf.unsqueeze(2) * wm.unsqueeze(1)).reshape(-1))
         ctx.save_for_backward(tf, tm, mask)
         ctx.bins, ctx.parzen, ctx.sigma = bins, parzen, sigma
-        return out
+        return out.reshape(nb, bins, bins)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         tf, tm, mask = ctx.saved_tensors
         need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_f = torch.zeros_like(tf) if need_f else None
-        grad_m = torch.zeros_like(tm) if need_m else None
         if not (need_f or need_m):
             return None, None, None, None, None, None
+        grad_f = torch.zeros_like(tf) if need_f else None
+        grad_m = torch.zeros_like(tm) if need_m else None
         bins, parzen, sigma = ctx.bins, ctx.parzen, ctx.sigma
         nb, nv = tf.shape
-        step = _chunk_size(bins)
+        size = parzen_support(bins, parzen, sigma)
+        offsets = _offsets(size, bins, tf.device)
+        step = _chunk_size(size)
         for i in range(nb):
-            g = grad[i]
+            g = grad[i].reshape(-1)
             for s in range(0, nv, step):
                 sl = slice(s, s + step)
-                wf, dwf = parzen_weights(tf[i, sl], bins, parzen, sigma, derivative=need_f)
-                wm, dwm = parzen_weights(tm[i, sl], bins, parzen, sigma, derivative=need_m)
+                sf, wf, dwf = parzen_weights(tf[i, sl], bins, parzen, sigma, derivative=need_f)
+                sm, wm, dwm = parzen_weights(tm[i, sl], bins, parzen, sigma, derivative=need_m)
+                index = (sf * bins + sm).unsqueeze(1) + offsets
+                gs = g.index_select(0, index.reshape(-1)).reshape(-1, size, size)
                 m = None if mask is None else mask[i, sl]
                 if need_m:
-                    left = wf if m is None else wf * m.unsqueeze(1)
-                    grad_m[i, sl] = ((left @ g) * dwm).sum(1)
+                    gm = ((wf.unsqueeze(2) * gs).sum(1) * dwm).sum(1)
+                    grad_m[i, sl] = gm if m is None else gm * m
                 if need_f:
-                    gf = ((wm @ g.t()) * dwf).sum(1)
+                    gf = ((gs * wm.unsqueeze(1)).sum(2) * dwf).sum(1)
                     grad_f[i, sl] = gf if m is None else gf * m
         return grad_f, grad_m, None, None, None, None
+
+
+def _offsets(size: int, bins: int, device: torch.device) -> Tensor:
+    """Flat joint-histogram offsets ``a·bins + b`` of an ``S × S`` support, ``(1, S*S)``."""
+    r = torch.arange(size, device=device)
+    return (r.unsqueeze(1) * bins + r.unsqueeze(0)).reshape(1, -1)
 
 
 def entropy_terms(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -295,3 +426,58 @@ def entropy_terms(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     return h(p.sum(2), (1,)), h(p.sum(1), (1,)), h(p, (1, 2))
 
+
+
+# --------------------------------------------------------------------------- stencil energies
+#: A finite-difference stencil: ``((offset per spatial axis in tensor order, coefficient), ...)``.
+Stencil = tuple[tuple[tuple[int, ...], float], ...]
+
+
+def _apply_stencil(u: Tensor, stencil: Stencil, size: Sequence[int]) -> Tensor:
+    out = None
+    for offset, coeff in stencil:
+        term = _window_view(u, offset, size)
+        out = term * coeff if out is None else out.add_(term, alpha=coeff)
+    return out
+
+
+def _stencil_size(shape: Sequence[int], stencil: Stencil) -> tuple[int, ...]:
+    extent = [max(off[a] for off, _ in stencil) for a in range(len(shape))]
+    return tuple(n - e for n, e in zip(shape, extent))
+
+
+class StencilEnergy(torch.autograd.Function):
+    """Per-sample ``Σ_t w_t · mean_x |L_t u(x)|²`` for linear finite-difference stencils ``L_t``.
+
+    ``u``: ``(N, D, *spatial)``; each stencil is evaluated on the voxels where it is defined
+    and summed over the ``D`` components. The energy is quadratic, so the backward pass is
+    ``2 Σ_t w_t / count_t · L_tᵀ L_t u`` built from slice additions into one buffer (autograd
+    would allocate a full zero tensor per slice). Returns ``(N,)``.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, stencils: tuple, weights: tuple) -> Tensor:  # type: ignore[override]
+        total = u.new_zeros(u.shape[0])
+        for stencil, w in zip(stencils, weights):
+            size = _stencil_size(u.shape[2:], stencil)
+            if min(size) < 1:
+                continue
+            r = _apply_stencil(u, stencil, size)
+            total += w * r.flatten(1).square().sum(1) / math.prod(size)
+        ctx.save_for_backward(u)
+        ctx.stencils, ctx.weights = stencils, weights
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (u,) = ctx.saved_tensors
+        gu = torch.zeros_like(u)
+        scale = grad.reshape(-1, *([1] * (u.dim() - 1)))
+        for stencil, w in zip(ctx.stencils, ctx.weights):
+            size = _stencil_size(u.shape[2:], stencil)
+            if min(size) < 1:
+                continue
+            r = _apply_stencil(u, stencil, size).mul_(scale * (2.0 * w / math.prod(size)))
+            for offset, coeff in stencil:
+                _window_view(gu, offset, size).add_(r, alpha=coeff)
+        return gu, None, None

@@ -234,18 +234,18 @@ def ssd(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, *,
 
 
 def ncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, *, squared: bool = False,
-        eps: float = 1e-10, reduction: str = "mean") -> Tensor:
+        eps: float = 1e-12, reduction: str = "mean") -> Tensor:
     """Global normalised cross-correlation, negated.
 
-    ``ncc = cov(f, w) / sqrt(var(f)·var(w) + eps)`` over the masked voxels of each sample and
-    channel (weighted moments, computed from centred data).
+    ``ncc = cov(f, w) / sqrt(max(var(f)·var(w), eps))`` over the masked voxels of each sample
+    and channel (weighted moments, computed from centred data).
 
     Args:
         fixed: ``(N, C, *spatial)`` fixed image.
         warped: ``(N, C, *spatial)`` warped moving image.
         mask: ``(N or 1, 1 or C, *spatial)`` weights, or None.
         squared: use ``ncc²`` (invariant to the sign of the contrast).
-        eps: added to ``var(f)·var(w)`` (squared intensity units squared) to avoid 0/0.
+        eps: floor of ``var(f)·var(w)`` (intensity⁴) so that a constant image gives 0, not 0/0.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Returns:
@@ -269,7 +269,7 @@ def ncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, *, squared: b
         cov = (fc * wc * m).sum(dims) / wsum
         vf = (fc.square() * m).sum(dims) / wsum
         vw = (wc.square() * m).sum(dims) / wsum
-    r = cov / torch.sqrt(vf * vw + eps)
+    r = cov * torch.rsqrt((vf * vw).clamp_min(max(eps, 1e-300)))
     value = -(r * r if squared else r)  # (N, C)
     return reduce_batch(value.mean(1), reduction)
 
@@ -529,9 +529,11 @@ def mind_ssc(image: Tensor, radius: float = 2, dilation: float = 2,
     by ``dilation``, the patch distance ``D_pq(x)`` is the box-filtered (half-width
     ``radius``) squared difference ``(I(x + p) − I(x + q))²``. Then ``D − min_pq D`` is divided
     by its mean over the pairs ``V(x)`` (clamped to ``[10⁻³, 10³]`` × its image mean) and
-    ``exp(−·)`` taken. Borders replicate the image. The descriptor at ``x`` depends on the
-    image within ``radius + dilation`` voxels of ``x`` (and on the image-wide mean of ``V``
-    only through the clamp).
+    ``exp(−·)`` taken. The image is extended by replicating its border and the box windows are
+    truncated one dilation beyond it. The descriptor at ``x`` depends on the image within
+    ``radius + 2·dilation`` voxels of ``x`` (and on the image-wide mean of ``V`` only through
+    the clamp). The squared differences come in pairs that are shifted copies of each other,
+    so only half of them (6 in 3D) are computed and filtered.
 
     Args:
         image: ``(N, C, *spatial)``; channels are described separately.
@@ -551,30 +553,41 @@ def mind_ssc(image: Tensor, radius: float = 2, dilation: float = 2,
     dil = _voxels(dilation, sp, d, 1)  # tensor order
     rad = _voxels(radius, sp, d, 0)
     x = _fold(image)
-    # replicate-pad by the dilation so that every shifted copy is a plain slice
-    pads = []
+    shape = x.shape[2:]
+    # the image replicate-padded by twice the dilation; "ext" is the domain grown by one dilation
+    pads: list[int] = []
     for axis in reversed(range(d)):
-        pads += [dil[axis], dil[axis]]
+        pads += [2 * dil[axis], 2 * dil[axis]]
     xp = F.pad(x, pads, mode="replicate")
 
-    def shifted(axis: int, sign: int) -> Tensor:
-        out = xp
+    def window(src: Tensor, offset: Sequence[int], size: Sequence[int]) -> Tensor:
+        out = src
         for a in range(d):
-            start = dil[a] + (sign * dil[a] if a == axis else 0)
-            out = out.narrow(2 + a, start, x.shape[2 + a])
+            out = out.narrow(2 + a, dil[a] + offset[a], size[a])
         return out
 
-    diffs = [(shifted(i, si) - shifted(j, sj)).square() for (i, si), (j, sj) in _mind_offsets(d)]
-    dist = torch.cat(diffs, dim=1)
-    del diffs
+    ext = [n + 2 * g for n, g in zip(shape, dil)]
+    # (I(x+p) − I(x+q))² = E_u(x + a) with E_u(y) = (I(y) − I(y+u))², u = ±(q − p): only
+    # 2 distinct u per axis pair, so half as many squared differences are filtered
+    unique: dict[tuple[int, ...], int] = {}
+    taps: list[tuple[int, tuple[int, ...]]] = []
+    for (i, si), (j, sj) in _mind_offsets(d):
+        p = [0] * d
+        q = [0] * d
+        p[i], q[j] = si * dil[i], sj * dil[j]
+        v = tuple(b - a for a, b in zip(p, q))
+        u, at = (v, p) if sj > 0 else (tuple(-c for c in v), q)
+        taps.append((unique.setdefault(u, len(unique)), tuple(at)))
+    zero = [0] * d
+    sq = torch.cat([(window(xp, zero, ext) - window(xp, u, ext)).square() for u in unique], 1)
     box = [torch.full((2 * r + 1,), 1.0 / (2 * r + 1), dtype=x.dtype, device=x.device)
            for r in reversed(rad)]  # (x, y, z) order
-    dist = K.filter_separable(dist, box, "replicate").contiguous()
-    dist = dist - dist.amin(1, keepdim=True)
-    var = dist.mean(1, keepdim=True)
-    level = var.mean(tuple(range(2, var.dim())), keepdim=True)
-    var = torch.minimum(torch.maximum(var, 1e-3 * level), 1e3 * level) + 1e-12
-    desc = torch.exp(-dist / var)
+    patch = K.LocalMean.apply(sq, box)
+    del sq
+    taps_abs = tuple((k, tuple(g + a for g, a in zip(dil, at))) for k, at in taps)
+    dist = K.GatherWindows.apply(patch, taps_abs, tuple(shape))
+    del patch
+    desc = K.MindDescriptor.apply(dist, 1e-3, 1e3)
     n, c = image.shape[:2]
     return desc.reshape(n, c * desc.shape[1], *image.shape[2:])
 
@@ -693,12 +706,21 @@ def diffusion(disp: Tensor, grid_or_spacing: Grid | Sequence[float] | float | No
     """
     sp, _ = _geometry(disp, grid_or_spacing)
     d = disp.dim() - 2
-    total = disp.new_zeros(disp.shape[0])
+    stencils, weights = [], []
     for comp in range(d):
-        axis = 2 + d - 1 - comp
-        if disp.shape[axis] > 1:
-            total = total + _per_sample_mean(_diff(disp, axis, sp[comp]).square().sum(1))
-    return reduce_batch(total, reduction)
+        axis = d - 1 - comp  # spatial axis in tensor order
+        stencils.append(_forward_stencil(d, axis, 1.0 / sp[comp]))
+        weights.append(1.0)
+    return reduce_batch(K.StencilEnergy.apply(disp, tuple(stencils), tuple(weights)), reduction)
+
+
+def _unit(d: int, axis: int, k: int = 1) -> tuple[int, ...]:
+    return tuple(k if a == axis else 0 for a in range(d))
+
+
+def _forward_stencil(d: int, axis: int, scale: float) -> K.Stencil:
+    """``(u[i+1] − u[i]) · scale`` along tensor spatial ``axis``."""
+    return ((_unit(d, axis), scale), (_unit(d, axis, 0), -scale))
 
 
 def bending(disp: Tensor, grid_or_spacing: Grid | Sequence[float] | float | None = None, *,
@@ -719,27 +741,28 @@ def bending(disp: Tensor, grid_or_spacing: Grid | Sequence[float] | float | None
     """
     sp, _ = _geometry(disp, grid_or_spacing)
     d = disp.dim() - 2
-    total = disp.new_zeros(disp.shape[0])
+    zero = _unit(d, 0, 0)
+    stencils, weights = [], []
     for ci in range(d):
-        ai = 2 + d - 1 - ci
-        n = disp.shape[ai]
-        if n > 2:
-            second = (disp.narrow(ai, 2, n - 2) - 2 * disp.narrow(ai, 1, n - 2)
-                      + disp.narrow(ai, 0, n - 2)) / (sp[ci] ** 2)
-            total = total + _per_sample_mean(second.square().sum(1))
+        ai = d - 1 - ci
+        s2 = 1.0 / sp[ci] ** 2
+        stencils.append(((_unit(d, ai, 2), s2), (_unit(d, ai, 1), -2.0 * s2), (zero, s2)))
+        weights.append(1.0)
         for cj in range(ci + 1, d):
-            aj = 2 + d - 1 - cj
-            if n > 1 and disp.shape[aj] > 1:
-                mixed = _diff(_diff(disp, ai, sp[ci]), aj, sp[cj])
-                total = total + 2 * _per_sample_mean(mixed.square().sum(1))
-    return reduce_batch(total, reduction)
+            aj = d - 1 - cj
+            s11 = 1.0 / (sp[ci] * sp[cj])
+            both = tuple(a + b for a, b in zip(_unit(d, ai), _unit(d, aj)))
+            stencils.append(((both, s11), (_unit(d, ai), -s11), (_unit(d, aj), -s11),
+                             (zero, s11)))
+            weights.append(2.0)
+    return reduce_batch(K.StencilEnergy.apply(disp, tuple(stencils), tuple(weights)), reduction)
 
 
 def _grid_frame(disp: Tensor, grid: Grid | None) -> Tensor:
     """Components of ``disp`` in the grid's axis frame (``Dᵀ u``); unchanged for no/identity dir."""
     if grid is None or np.abs(grid.direction - np.eye(grid.ndim)).max() < 1e-12:
         return disp
-    rot = torch.as_tensor(grid.direction, dtype=disp.dtype, device=disp.device)
+    rot = torch.as_tensor(grid.direction.copy(), dtype=disp.dtype, device=disp.device)
     return torch.einsum("ji,nj...->ni...", rot, disp)
 
 

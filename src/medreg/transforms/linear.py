@@ -142,7 +142,7 @@ class LinearTransform(SpatialTransform):
     def inverse(self) -> "AffineTransform":
         """Exact inverse, as an :class:`AffineTransform` with the same centre."""
         m = torch.linalg.inv(self.matrix().detach().double())
-        return AffineTransform.from_matrix(m, center=self.center.detach().double(),
+        return AffineTransform.from_matrix(m, center=self.center.detach().double(), trainable=False,
                                            dtype=self.translation.dtype)
 
     def to_affine(self) -> "AffineTransform":

@@ -1,0 +1,131 @@
+"""`medreg register` end to end: outputs, ITK reproduces the warp, determinism, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from click.testing import CliRunner
+
+from medreg.cli import main
+from medreg.core import Grid, Image
+from medreg.io import read_image, write_image
+from medreg.transforms import AffineTransform, Identity, warp_image, warp_labels
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "medreg" / "data"
+
+SMALL_CONFIG = """
+initialisation: com
+stages:
+  - type: affine
+    levels: [2]
+    iterations: [30]
+    similarity: {name: ncc}
+  - type: svf
+    levels: [2]
+    iterations: [15]
+    similarity: {name: lncc, window: 5}
+    regularisation: {diffusion: 0.5}
+"""
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A 3D pair from the bundled Colin27 (cropped, 2 mm): moving is a rotated, shifted copy
+    on a different grid (other size, spacing and orientation)."""
+    tmp = tmp_path_factory.mktemp("pair")
+    vol = read_image(BUNDLED / "colin27_t1_2mm.nii.gz")
+    lab = read_image(BUNDLED / "colin27_aal_2mm.nii.gz")
+    g = vol.grid.crop((20, 25, 25), (70, 85, 65))
+    fixed = warp_image(vol.to(torch.float32), Identity(3), g)
+    fixed_lab = warp_labels(lab, Identity(3), g)
+    mg = Grid((44, 52, 36), (2.2, 2.1, 2.3), g.origin, np.diag([1.0, -1.0, 1.0]) @ g.direction)
+    mg = mg.replace(origin=(np.asarray(g.center()) - mg.direction @ (np.asarray(mg.size) - 1) / 2 * np.asarray(mg.spacing)).tolist())
+    truth = AffineTransform(3, torch.eye(3, dtype=torch.float64), [3.0, -2.0, 1.5],
+                            center=list(g.center()), trainable=False, dtype=torch.float64)
+    moving = warp_image(vol.to(torch.float32), truth.inverse(), mg)
+    moving_lab = warp_labels(lab, truth.inverse(), mg)
+    for name, img in [("fixed", fixed), ("moving", moving), ("fixed_lab", fixed_lab), ("moving_lab", moving_lab)]:
+        write_image(img, tmp / f"{name}.nii.gz")
+    (tmp / "small.yaml").write_text(SMALL_CONFIG)
+    return tmp
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_register_writes_all_outputs_that_itk_reproduces(pair, tmp_path):
+    out = tmp_path / "out"
+    res = run("register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", out, "--config", pair / "small.yaml",
+              "--fixed-labels", pair / "fixed_lab.nii.gz", "--moving-labels", pair / "moving_lab.nii.gz", "--quiet")
+    assert res.exit_code == 0, res.output
+    for f in ("warped.nii.gz", "warped_labels.nii.gz", "transform.h5", "displacement.nii.gz", "metrics.json", "qc.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    import json
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dice_after"] > m["dice_before"]
+    assert "versions" in m and "preset_config" in m
+    fixed = sitk.ReadImage(str(pair / "fixed.nii.gz"))
+    moving = sitk.ReadImage(str(pair / "moving.nii.gz"), sitk.sitkFloat32)
+    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    assert warped.GetSize() == fixed.GetSize() and np.allclose(warped.GetOrigin(), fixed.GetOrigin())
+    assert np.allclose(warped.GetDirection(), fixed.GetDirection())
+    tx = sitk.ReadTransform(str(out / "transform.h5"))
+    ref = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    ours = sitk.GetArrayFromImage(warped)
+    rng = float(ours.max() - ours.min())
+    assert np.abs(ours - ref)[2:-2, 2:-2, 2:-2].max() < 1e-3 * rng
+    # the displacement field file reproduces the warp too
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    ref2 = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field),
+                                                sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    assert np.abs(ours - ref2)[2:-2, 2:-2, 2:-2].max() < 1e-3 * rng
+
+
+def test_seed_gives_identical_outputs(pair, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(SMALL_CONFIG.replace("[30]", "[8]").replace("[15]", "[5]"))
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"o{i}"
+        res = run("register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", out, "--config",
+                  tmp_path / "tiny.yaml", "--seed", 7, "--quiet")
+        assert res.exit_code == 0, res.output
+        outs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz"))))
+    assert np.array_equal(outs[0], outs[1])
+
+
+def _one_line(res, *words):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("medreg register: error:"), res.output
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_inputs(pair, tmp_path):
+    f, m = pair / "fixed.nii.gz", pair / "moving.nii.gz"
+    cfg = pair / "small.yaml"
+    g2 = Grid((20, 20))
+    write_image(Image(torch.rand(20, 20), g2), tmp_path / "flat.nii.gz")
+    _one_line(run("register", f, tmp_path / "flat.nii.gz", "-o", tmp_path / "o1", "--config", cfg), "2D", "3D")
+    fixed = read_image(f)
+    write_image(Image(torch.zeros(fixed.grid.shape, dtype=torch.uint8), fixed.grid), tmp_path / "empty.nii.gz")
+    _one_line(run("register", f, m, "-o", tmp_path / "o2", "--config", cfg, "--fixed-mask", tmp_path / "empty.nii.gz"),
+              "empty")
+    write_image(Image(torch.full(fixed.grid.shape, 5.0), fixed.grid), tmp_path / "const.nii.gz")
+    _one_line(run("register", tmp_path / "const.nii.gz", m, "-o", tmp_path / "o3", "--config", cfg), "constant")
+    nan = fixed.data.float().clone()
+    nan[0, 3, 3, 3] = float("nan")
+    write_image(Image(nan, fixed.grid), tmp_path / "nan.mha")
+    _one_line(run("register", tmp_path / "nan.mha", m, "-o", tmp_path / "o4", "--config", cfg), "nan.mha")
+    _one_line(run("register", f, m, "-o", tmp_path / "o5", "--config", cfg, "--moving-labels", pair / "fixed_lab.nii.gz"),
+              "grid")
+    out = tmp_path / "o6"
+    out.mkdir()
+    (out / "warped.nii.gz").write_bytes(b"x")
+    _one_line(run("register", f, m, "-o", out, "--config", cfg), "--overwrite")
+    (tmp_path / "bad.yaml").write_text("stages:\n  - type: affine\n    iteratons: 3\n")
+    _one_line(run("register", f, m, "-o", tmp_path / "o7", "--config", tmp_path / "bad.yaml"), "iteratons")
