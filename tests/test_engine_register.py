@@ -33,14 +33,16 @@ def corners_error(t_est, t_true, grid: Grid) -> float:
         return float((t_est.double()(c) - t_true.double()(c)).norm(dim=-1).max())
 
 
-def test_known_rigid_transform_is_recovered(slice2d):
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_known_rigid_transform_is_recovered(slice2d, optimizer):
     g = slice2d.grid
     c = torch.tensor(g.center(), dtype=torch.float64)
     truth = RigidTransform(2, rotation=[np.deg2rad(8.0)], translation=[4.0, -6.0], center=c,
                            trainable=False, dtype=torch.float64)
     moving = warp_image(slice2d, truth.inverse(), g)
     cfg = config_from_dict({"initialisation": "none", "stages": [
-        {"type": "rigid", "levels": [2, 1], "iterations": [200, 100], "lr": 0.5,
+        {"type": "rigid", "levels": [2, 1], "optimizer": optimizer,
+         "iterations": [200, 100] if optimizer == "adam" else [30, 20], "lr": 0.5 if optimizer == "adam" else 1.0,
          "similarity": {"name": "ncc"}, "tolerance": 1e-7}]})
     res = medreg.register(slice2d, moving, config=cfg)
     assert corners_error(res.transform, truth, g) < 0.5 * min(g.spacing)
