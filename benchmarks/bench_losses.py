@@ -82,12 +82,36 @@ def make_data(size: tuple[int, int, int], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- one case
-def _rss_mb() -> float:
+def _status_mb(key: str) -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0) so that it measures the loss alone."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _quadratic_field(shape, dtype):
+    """``u_k = ½ xᵀ H_k x`` in voxel units; exact bending energy ``Σ_k |H_k|²_F``."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    hs = [torch.randn(3, 3, generator=g, dtype=torch.float64) * 1e-3 for _ in range(3)]
+    hs = [h + h.T for h in hs]
+    axes = [torch.arange(n, dtype=torch.float64) for n in shape]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    pts = torch.stack([xx, yy, zz], -1)
+    u = torch.stack([0.5 * ((pts @ h) * pts).sum(-1) for h in hs], 0)
+    return u.unsqueeze(0).to(dtype), float(sum((h ** 2).sum() for h in hs))
 
 
 def run_case(name: str, data: Path, runs: int) -> dict:
@@ -131,7 +155,8 @@ def run_case(name: str, data: Path, runs: int) -> dict:
             fn = lambda: loss(disp)  # noqa: E731
     if name.endswith("bending"):
         leaf = disp
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
+    exact_peak = _reset_peak()
     times = []
     value = float("nan")
     for i in range(runs + 1):
@@ -143,9 +168,23 @@ def run_case(name: str, data: Path, runs: int) -> dict:
         value = float(v.detach())
         if i > 0:  # the first pass is a warm-up
             times.append(dt)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return {"case": name, "value": value, "times": times, "median_s": statistics.median(times),
-            "peak_rss_mb": peak, "base_rss_mb": base, "peak_extra_mb": peak - base}
+    peak = (_status_mb("VmHWM") if exact_peak
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    out = {"case": name, "value": value, "times": times, "median_s": statistics.median(times),
+           "peak_rss_mb": peak, "base_rss_mb": base, "peak_extra_mb": peak - base}
+    # value checks after the measurements (not timed)
+    leaf.grad = None
+    with torch.no_grad():
+        if name == "monai_mi":  # MONAI's 1e-7 smoothing inside the log removed
+            exact = GlobalMutualInformationLoss(kernel_type="gaussian", num_bins=32,
+                                                smooth_nr=1e-20, smooth_dr=1e-20)
+            out["value_unsmoothed"] = float(exact(moving, fixed))
+        if name.endswith("bending"):  # a quadratic field, where both stencils are exact
+            q, expected = _quadratic_field(tuple(fixed.shape[2:]), torch.float64)
+            out["quadratic"] = float(loss(q) if name.startswith("monai")
+                                     else L.bending(q, (1.0, 1.0, 1.0)))
+            out["quadratic_expected"] = expected
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -206,6 +245,24 @@ def main() -> None:
             print(f"  {label:42s} time {row[1]:.3f} / {row[2]:.3f} s = {row[3]:.2f}x   "
                   f"peak RSS {row[4]:.0f} / {row[5]:.0f} MB   values {row[8]:.6f} / "
                   f"{row[9]:.6f} (|diff| {row[10]:.1e})")
+    notes = []
+    if "monai_mi" in results and "value_unsmoothed" in results["monai_mi"]:
+        u = results["monai_mi"]["value_unsmoothed"]
+        for ours in ("medreg_mi_gauss",):
+            if ours in results:
+                notes.append(f"MI: MONAI without its 1e-7 smoothing inside the log gives {u:.6f}; "
+                             f"{ours} {results[ours]['value']:.6f} (|diff| "
+                             f"{abs(u - results[ours]['value']):.1e})")
+    for name in ("medreg_bending", "monai_bending"):
+        if name in results and "quadratic" in results[name]:
+            r = results[name]
+            scale = 3.0 if name.startswith("monai") else 1.0
+            notes.append(f"{name} on a quadratic field: {r['quadratic']:.9g}"
+                         + (" × 3 components" if scale != 1 else "")
+                         + f" = {scale * r['quadratic']:.9g}; closed form "
+                         f"{r['quadratic_expected']:.9g}")
+    for line in notes:
+        print("  " + line)
     if args.markdown:
         cpu = platform.processor() or platform.machine()
         try:
@@ -227,6 +284,10 @@ def main() -> None:
         for row in rows:
             print(f"| {row[0]} | {row[1]:.3f} / {row[2]:.3f} s | {row[3]:.2f} | {row[4]:.0f} / "
                   f"{row[5]:.0f} | {row[8]:.6f} / {row[9]:.6f} | {row[10]:.1e} |")
+        if notes:
+            print()
+            for line in notes:
+                print(f"- {line}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Benchmark: ``medreg register`` side by side with ANTs SyN and elastix (issue 4).
 
-Every registration runs in a fresh subprocess on the same inputs and threads; the parent measures
-its wall time and peak RSS (``os.wait4`` rusage of that one child), then scores the outputs the
-same way for every method:
+Every registration runs in a fresh subprocess (in its own run folder) on the same inputs and
+threads; a ~10 MB launcher measures its wall time, CPU time and peak RSS (``os.wait4`` rusage of
+that one child), then the parent scores the outputs the same way for every method:
 
 * Dice per label and its mean over the dataset's label list, HD95 (mm, Learn2Reg's robust
   Hausdorff in physical units) — :func:`medreg.metrics.label_metrics` on the moving labels that

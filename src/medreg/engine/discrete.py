@@ -22,7 +22,9 @@ in fixed space:
    iterations of mean-field smoothing of the label probabilities; then a softargmin of the cost
    (sub-step initialisation), followed by coupled convex optimisation: alternately smooth the
    field spatially (``ū = G_σ * u``) and solve, voxel by voxel, ``min_l C_l + λ |u_l − ū|²``
-   (as a softargmin, for sub-step precision) with ``λ`` increasing along ``coupling``. With
+   with ``λ`` increasing along ``coupling``. Each solve is a softargmin restricted to the
+   candidates next to the arg-min (``softmin_radius``): sub-step precision without the pull of a
+   global expectation towards the centre of the search box. With
    ``inverse_consistent`` the moving→fixed problem is solved too (same features, roles
    swapped) and both fields are symmetrised (:func:`symmetrise`).
 4. **Instance optimisation** (:func:`instance_optimise`). A dense field on
@@ -53,8 +55,7 @@ from medreg.core.errors import InputError
 from medreg.core.functional import gaussian_smooth
 from medreg.core.grid import Grid
 from medreg.core.image import Image
-from medreg.transforms import (Compose, DisplacementField, Identity, SpatialTransform,
-                               warp_image)
+from medreg.transforms import DisplacementField, Identity, SpatialTransform, warp_image
 from medreg.transforms import functional as TF
 
 __all__ = [
@@ -132,6 +133,9 @@ class DiscreteParams:
         smooth_sigma: Gaussian σ (coarse voxels) of the spatial smoothing between couplings.
         temperature: softmin temperature (in units of the mean cost): smaller is closer to a
             hard arg-min; the expectation gives sub-step displacements.
+        softmin_radius: the softmin expectation is taken over the candidates within this many
+            steps (per axis) of each voxel's arg-min: sub-step precision without the pull of a
+            global expectation towards the centre of the search box; -1: all candidates.
         inverse_consistent: also solve moving → fixed and symmetrise both fields (at the
             discrete and instance-optimisation levels); about twice the time.
         symmetrise_iterations: fixed-point iterations of :func:`symmetrise`.
@@ -141,30 +145,32 @@ class DiscreteParams:
         io_diffusion: weight of the diffusion energy (mean ``|∇u|²``) against the feature SSD.
         io_smooth: Gaussian σ (voxels of the io grid) applied to the optimised field before each
             evaluation (a smooth parameterisation; 0: none).
-        memory_mb: budget for the cost volume and its temporaries (also bounds the chunks of
-            the convex optimisation); an error says how to fit when the volume alone exceeds it.
+        memory_mb: budget (MiB) for the cost volume and its temporaries (also bounds the voxel
+            chunks of the convex optimisation; mean-field smoothing needs two more volumes);
+            an error says how to fit when the volume alone exceeds it.
     """
 
     features: str | FeatureFn = "mind"
     mind_radius: float = 1.0
     mind_dilation: float = 2.0
     feature_factor: float = 4
-    feature_pool: int = 1
+    feature_pool: int = 2
     radius_mm: float = 16.0
     step_mm: float | None = None
-    cost_radius: int = 1
+    cost_radius: int = 2
     mean_field: int = 0
     mean_field_weight: float = 1.0
     mean_field_radius: int = 1
-    coupling: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])
+    coupling: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
     smooth_sigma: float = 1.0
     temperature: float = 0.1
+    softmin_radius: int = 1
     inverse_consistent: bool = False
     symmetrise_iterations: int = 10
     io_iterations: int = 50
     io_lr: float = 0.5
     io_factor: float = 2
-    io_diffusion: float = 0.5
+    io_diffusion: float = 0.05
     io_smooth: float = 1.0
     memory_mb: float = 1024.0
 
@@ -204,6 +210,7 @@ class DiscreteParams:
         self.coupling = cp
         self.smooth_sigma = _number(self.smooth_sigma, "smooth_sigma", low=0)
         self.temperature = _number(self.temperature, "temperature", low=0, strict=True)
+        self.softmin_radius = _number(self.softmin_radius, "softmin_radius", low=-1, integer=True)
         if not isinstance(self.inverse_consistent, bool):
             raise InputError(f"discrete: inverse_consistent must be true or false, got "
                              f"{self.inverse_consistent!r}")
@@ -233,9 +240,11 @@ class DiscreteParams:
         return cls(**dict(data))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        """Plain values (a callable ``features`` is given by its name)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["coupling"] = list(self.coupling)
         if callable(d["features"]):
-            d["features"] = getattr(self.features, "__name__", "callable")
+            d["features"] = getattr(self.features, "__name__", type(self.features).__name__)
         return d
 
 
@@ -342,7 +351,8 @@ def feature_maps(image: Tensor, grid: Grid, params: DiscreteParams, target: Grid
     image points; default identity) with border extension, then described
     (``params.features``). With ``pool > 1`` (default ``params.feature_pool``) the features are
     computed on a ``pool`` times finer grid over the same box and averaged over ``pool``-wide
-    blocks (finer structures contribute to coarse descriptors).
+    blocks: finer structures contribute to the descriptors (even above the image's own
+    resolution, where the supersampled descriptors are smoother and more accurate to match).
 
     Args:
         image: ``(N, 1, *grid.shape)`` (or more channels for a callable).
@@ -491,16 +501,15 @@ def cost_volume(feat_fixed: Tensor, feat_moving: Tensor, offsets: Tensor,
     peak = volume_bytes + chunk * n * vox * esize * (2 if weighted else 1)
     ff = feat_fixed.detach()
     fm = feat_moving.detach().to(ff.dtype)
+    neutral = 0.0
+    if weighted or fixed_weight is not None:  # (before the volume is allocated)
+        z = (ff - _shifted(fm, (0,) * d, pad, st, shape)).square().mean(1, keepdim=True)
+        neutral = float((z * fixed_weight).sum() / fixed_weight.sum().clamp_min(1e-12)) \
+            if fixed_weight is not None else float(z.mean())
+        del z
     out = torch.empty((n, nl, *shape), dtype=ff.dtype, device=ff.device)
     buf = torch.empty((chunk, n, *shape), dtype=ff.dtype, device=ff.device)
     wbuf = torch.empty_like(buf) if weighted else None
-    neutral = None
-    if weighted or fixed_weight is not None:
-        zero = _shifted(fm, (0,) * d, pad, st, shape)
-        z = (ff - zero).square().mean(1, keepdim=True)
-        neutral = float((z * fixed_weight).sum() / fixed_weight.sum().clamp_min(1e-12)) \
-            if fixed_weight is not None else float(z.mean())
-        del zero, z
     offs = offsets.tolist()
     inv_c = 1.0 / c
     for l0 in range(0, nl, chunk):
@@ -560,17 +569,42 @@ def box_filter(x: Tensor, radius: int) -> Tensor:
 
 def _voxel_chunk(nl: int, n: int, vox: int, memory_mb: float, cost_bytes: int, esize: int,
                  temporaries: int = 2) -> int:
-    """Voxels per chunk for the per-voxel steps (``temporaries`` ``(N, L, chunk)`` buffers)."""
+    """Voxels per chunk for the per-voxel steps (``temporaries`` ``(N, L, chunk)`` buffers;
+    at least 64 voxels)."""
     free = int(memory_mb * 2 ** 20) - cost_bytes
-    return int(max(1024, min(vox, free // max(1, temporaries * nl * n * esize))))
+    return int(max(64, min(vox, free // max(1, temporaries * nl * n * esize))))
+
+
+def _box_neighbours(lattice: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """For candidates forming a full box lattice in ``(z, y, x)``-major order (as
+    :func:`search_plan` makes them): the label-index offsets of the ``(2w+1)^D`` neighbours of a
+    label, their lattice offsets, and the lattice's lower corner and extent. None otherwise."""
+    nl, d = lattice.shape
+    lo = lattice.min(0).values
+    ext = lattice.max(0).values - lo + 1
+    if int(ext.prod()) != nl:
+        return None
+    strides = torch.ones(d, dtype=torch.int64, device=lattice.device)
+    for c in range(1, d):  # x fastest
+        strides[c] = strides[c - 1] * ext[c - 1]
+    if not torch.equal(((lattice - lo).long() * strides).sum(1),
+                       torch.arange(nl, device=lattice.device)):
+        return None
+    rng = torch.arange(-window, window + 1, device=lattice.device)
+    delta = torch.stack(torch.meshgrid(*([rng] * d), indexing="ij"), -1).reshape(-1, d)
+    return (delta * strides).sum(1), delta.to(lattice.dtype), torch.stack([lo, ext])
 
 
 def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None, lam_t: float,
-                         chunk: int, extra: Tensor | None = None) -> Tensor:
+                         chunk: int, extra: Tensor | None = None, lattice: Tensor | None = None,
+                         window: int = -1) -> Tensor:
     """``Σ_l softmax_l(−a·C_l − (λ/T)|q_l − ū|²) q_l`` per voxel.
 
     ``cost`` ``(N, L, V)``; ``q`` ``(L, D)``; ``ubar`` ``(N, D, V)`` or None; ``extra`` an
-    optional ``(N, L, V)`` term added to ``−a·C``. Runs over voxel chunks of ``chunk``.
+    optional ``(N, L, V)`` term added to ``−a·C``. With ``window >= 0`` only the candidates
+    within ``window`` lattice steps (``lattice``: ``(L, D)`` integer coordinates) of each
+    voxel's arg-min enter the softmax (gathered directly for a box lattice, masked otherwise).
+    Runs over voxel chunks of ``chunk``.
     """
     n, nl, vox = cost.shape
     d = q.shape[1]
@@ -578,6 +612,8 @@ def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None,
     bias = q.square().sum(1).view(1, nl, 1) * lam_t
     qt1 = torch.cat([q.T, torch.ones(1, nl, dtype=q.dtype, device=q.device)], 0)
     qt1 = qt1.unsqueeze(0).expand(n, d + 1, nl)
+    local = window >= 0 and lattice is not None
+    box = _box_neighbours(lattice, window) if local else None
     u = torch.empty((n, d, vox), dtype=cost.dtype, device=cost.device)
     buf = torch.empty((n, nl, min(chunk, vox)), dtype=cost.dtype, device=cost.device)
     for v0 in range(0, vox, chunk):
@@ -591,8 +627,28 @@ def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None,
             # −(λ/T)|q − ū|² = (λ/T)(2 q·ū − |q|²) − (λ/T)|ū|²; the last term cancels
             e.baddbmm_(qn, ubar[:, :, v0:v1], alpha=2.0 * lam_t)
             e.sub_(bias)
-        # (exp of values below −80 would be denormal — very slow — and are negligible)
-        e.sub_(e.amax(1, keepdim=True)).clamp_(min=-80.0).exp_()
+        top, arg = e.max(1, keepdim=True)
+        if box is not None:
+            # only the (2w+1)^D neighbours of the arg-min: gather them, no pass over all labels
+            dl, dlat, (lo, ext) = box
+            best = arg[:, 0]  # (N, chunk)
+            coord = lattice[best] - lo  # (N, chunk, D)
+            pos = coord.unsqueeze(1) + dlat.view(1, -1, 1, d)  # (N, M, chunk, D)
+            valid = ((pos >= 0) & (pos < ext)).all(-1)  # (N, M, chunk)
+            idx = (best.unsqueeze(1) + dl.view(1, -1, 1)).clamp_(0, nl - 1)
+            # (exp of values below −80 would be denormal — very slow — and are negligible)
+            w = torch.gather(e, 1, idx).sub_(top).clamp_(min=-80.0).exp_().mul_(valid)
+            qs = q[idx]  # (N, M, chunk, D)
+            u[:, :, v0:v1] = ((w.unsqueeze(-1) * qs).sum(1) / w.sum(1).unsqueeze(-1)).movedim(-1, 1)
+            continue
+        e.sub_(top).clamp_(min=-80.0).exp_()
+        if local:
+            best = lattice[arg[:, 0]]  # (N, chunk, D)
+            keep = None
+            for c in range(d):
+                near = (lattice[:, c].view(1, nl, 1) - best[:, :, c].unsqueeze(1)).abs_() <= window
+                keep = near if keep is None else keep.logical_and_(near)
+            e.mul_(keep)
         r = torch.bmm(qt1, e)  # numerators (D) and the normaliser
         u[:, :, v0:v1] = r[:, :d] / r[:, d:]
     return u
@@ -609,10 +665,14 @@ def convex_optimise(cost: Tensor, offsets_mm: Tensor, grid: Grid, params: Discre
       ``mean_field_radius``) probabilities of the previous iteration and ``w`` the
       ``mean_field_weight`` (a Potts-like mean-field message: neighbours that agree on a
       candidate make it likelier). Needs two more volumes of memory.
-    * ``u₀ = Σ_l q_l u_l`` (softargmin: sub-step initialisation);
+    * ``u₀ = Σ_l q_l u_l`` with ``q = softmax(−C/T)`` (softargmin: sub-step initialisation);
     * for each ``λ`` of ``params.coupling``: ``ū = G_σ * u`` (σ = ``smooth_sigma`` voxels)
       and ``u = Σ_l softmax_l(−(C_l + λ|u_l − ū|²/h²)/T) u_l`` with ``h`` the step, so ``λ`` is
       per squared step; finally ``u ← G_σ * u``.
+
+    Each softargmin runs over the candidates within ``params.softmin_radius`` steps (per axis)
+    of the voxel's arg-min: a global expectation would be pulled towards the centre of the
+    search box wherever the cost is flat or has several minima.
 
     Per-voxel work runs in chunks bounded by ``params.memory_mb``.
 
@@ -668,10 +728,16 @@ def convex_optimise(cost: Tensor, offsets_mm: Tensor, grid: Grid, params: Discre
             extra = msg.reshape(n, nl, vox).clamp_min_(1e-6).log_().mul_(params.mean_field_weight)
             del msg
 
-    u = _softmin_expectation(flat, a, q, None, 0.0, vchunk, extra)
+    # integer lattice coordinates of the candidates (steps along the grid's axes)
+    along = off @ grid.matrix("world", "index", dtype=torch.float64, device=dev)[:d, :d].T
+    steps = torch.stack([col[col.abs() > 1e-6].abs().min() if bool((col.abs() > 1e-6).any())
+                         else torch.ones((), dtype=col.dtype, device=dev) for col in along.T])
+    lattice = torch.round(along / steps).to(torch.int32)
+    win = params.softmin_radius
+    u = _softmin_expectation(flat, a, q, None, 0.0, vchunk, extra, lattice, win)
     for lam in params.coupling:
         ubar = _smooth_vox(u.reshape(n, d, *shape), params.smooth_sigma).reshape(n, d, vox)
-        u = _softmin_expectation(flat, a, q, ubar, lam / t, vchunk, extra)
+        u = _softmin_expectation(flat, a, q, ubar, lam / t, vchunk, extra, lattice, win)
     if params.coupling:
         u = _smooth_vox(u.reshape(n, d, *shape), params.smooth_sigma).reshape(n, d, vox)
     return (u * h).reshape(n, d, *shape)
@@ -731,17 +797,27 @@ def instance_optimise(fixed_feat: Tensor, moving_feat: Tensor, init_disp: Tensor
         return u.detach()
     opt = torch.optim.Adam([u], lr=params.io_lr)
     ff = fixed_feat.detach()
-    fm = moving_feat.detach()
-    mw = None if moving_weight is None else moving_weight.detach().to(ff.dtype)
+    src = moving_feat.detach().to(ff.dtype)
+    nc = src.shape[1]
+    if moving_weight is not None:  # warped along with the features, as one more channel
+        src = torch.cat([src, moving_weight.detach().to(ff.dtype).expand(src.shape[0], 1, *src.shape[2:])], 1)
+    # channels-last: grid_sample gathers all channels of a corner at once (much faster on CPU)
+    src = src.contiguous(memory_format=torch.channels_last_3d if src.dim() == 5 else torch.channels_last)
     w = None if weight is None else weight.detach().to(ff.dtype)
+
+    # sampling positions in moving_grid's norm frame: ident + (norm_from_world) u
+    d = grid.ndim
+    ident = grid.points("world", dtype=ff.dtype, device=ff.device)
+    ident = moving_grid.transform_points(ident, "world", "norm").unsqueeze(0)
+    lin_t = moving_grid.matrix("world", "norm", dtype=ff.dtype, device=ff.device)[:d, :d].T
 
     def evaluate() -> tuple[Tensor, Tensor]:
         us = _smooth_vox(u, params.io_smooth)
-        t = DisplacementField(us, grid, check_finite=False)
-        warped = warp_image(fm if mw is None else torch.cat([fm, mw], 1), t, grid, moving_grid,
-                            padding="border", precise=False)
-        if mw is not None:
-            warped, wm = warped[:, :-1], warped[:, -1:]
+        norm = ident + us.movedim(1, -1) @ lin_t
+        warped = F.grid_sample(src, norm, mode="bilinear", padding_mode="border",
+                               align_corners=True)
+        if moving_weight is not None:
+            warped, wm = warped[:, :nc], warped[:, nc:]
             ww = wm if w is None else w * wm
         else:
             ww = w
@@ -825,7 +901,6 @@ def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = 
     if prefix.ndim != d:
         raise InputError(f"discrete: the prefix transform is {prefix.ndim}D, the images {d}D")
     dev = fixed.data.device
-    prefix = prefix.to(dev)
     t_start = time.perf_counter()
     stats: dict[str, Any] = {}
     ident = Identity(d)
@@ -852,9 +927,10 @@ def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = 
         stats["cost_peak_mb"] = round(cv.peak_bytes / 2 ** 20, 2)
         stats["cost_chunk"] = cv.chunk
         cost = cv.cost
-        if p.cost_radius > 0:  # in place, a chunk of candidates at a time (same memory bound)
-            for l0 in range(0, cost.shape[1], cv.chunk):
-                sl = cost[:, l0:l0 + cv.chunk]
+        if p.cost_radius > 0:  # in place, half a chunk of candidates at a time (two buffers)
+            step = max(1, cv.chunk // 2)
+            for l0 in range(0, cost.shape[1], step):
+                sl = cost[:, l0:l0 + step]
                 sl.copy_(box_filter(sl, p.cost_radius))
         t1 = time.perf_counter()
         u = convex_optimise(cost, plan.offsets_mm.to(dev), coarse, p, plan.step_mm)
@@ -876,17 +952,18 @@ def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = 
         t0 = time.perf_counter()
         io = fixed.grid.downsample(p.io_factor)
         margin = [int(math.ceil(p.radius_mm / s)) + 2 for s in io.spacing]
-        io_pad = io.pad(margin)
-        f_io = feature_maps(fdata, fixed.grid, p, io_pad, ident)
+        io_pad = io.pad(margin)  # the moving side: where x + u may land
+        crop_t = tuple([slice(None), slice(None)] + [slice(mg, mg + n) for mg, n in
+                                                     zip(reversed(margin), io.shape)])
+        # the fixed side is needed on the padded grid only to be the target of the backward
+        f_io = feature_maps(fdata, fixed.grid, p, io_pad if v is not None else io, ident)
+        f_io_c = f_io[crop_t] if v is not None else f_io
         m_io = feature_maps(mdata, moving.grid, p, io_pad, prefix)
-        crop = [slice(None), slice(None)] + [slice(mg, mg + n) for mg, n in
-                                             zip(reversed(margin), io.shape)]
-        crop_t = tuple(crop)
         fw_io = _mask_on(fixed_mask, ident, io_pad)
         mw_io = _mask_on(moving_mask, prefix, io_pad)
         stats["io_features_s"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
-        u = instance_optimise(f_io[crop_t], m_io, _resample(u, coarse, io), io, io_pad, p,
+        u = instance_optimise(f_io_c, m_io, _resample(u, coarse, io), io, io_pad, p,
                               None if fw_io is None else fw_io[crop_t], mw_io)
         if v is not None:
             v = instance_optimise(m_io[crop_t], f_io, _resample(v, coarse, io), io, io_pad, p,

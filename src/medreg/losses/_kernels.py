@@ -1,17 +1,21 @@
 r"""Private compute kernels of :mod:`medreg.losses.functional`.
 
-Two hot spots get hand-written backward passes, so that their memory stays bounded and their
-cost is a few separable filters or small matrix products:
+The hot spots get hand-written backward passes, so that memory stays at a few image-sized
+tensors and the cost is a few separable filters, gathers or scatters:
 
 * :class:`LocalCorrelation`: the local (windowed) correlation map of LNCC. The forward pass
   filters 5 (6 with a mask) product images once; the backward pass filters 3 more per input
   that needs a gradient, instead of autograd's transposed convolutions over every saved
   intermediate.
 * :class:`JointHistogram`: the Parzen-window joint histogram of MI, accumulated over chunks of
-  voxels from sparse weights (4 bins per sample for the cubic B-spline, ``2⌈6σ⌉+1`` for the
-  Gaussian) with ``scatter_add_``, so no ``(voxels × bins)`` tensor ever exists.
+  voxels (sparse weights: 4 bins per sample for the cubic B-spline, ``2⌈6σ⌉+1`` for the
+  Gaussian, spread into one reused ``(chunk, bins)`` matrix per image and multiplied), so
+  no ``(voxels × bins)`` tensor ever exists.
+* :class:`LocalMean`, :class:`GatherWindows`, :class:`MindDescriptor`: the three stages of
+  MIND-SSC (patch distances, shifted copies, normalisation).
+* :class:`StencilEnergy`: quadratic finite-difference energies (diffusion, bending).
 
-Both are exact (checked with :func:`torch.autograd.gradcheck` in the tests) but do not support
+All are exact (checked with :func:`torch.autograd.gradcheck` in the tests) but do not support
 double backward.
 """
 
@@ -29,20 +33,19 @@ TINY = 1e-12
 
 
 # --------------------------------------------------------------------------- filtering
-def filter_separable(x: Tensor, kernels: Sequence[Tensor | None], padding: str = "zeros") -> Tensor:
-    """Filter every channel of ``x`` with one symmetric 1D kernel per spatial axis.
+def filter_separable(x: Tensor, kernels: Sequence[Tensor | None]) -> Tensor:
+    """Filter every channel of ``x`` with one symmetric 1D kernel per axis, zero padding.
 
-    The same operation as :func:`medreg.core.functional.separable_filter`, laid out for speed
-    on CPU: the channels are made the innermost (``channels_last``) dimension and the zero
-    padding is done by the convolution itself, which makes depthwise convolution several times
-    faster than on a ``(N, C, ...)``-contiguous tensor.
+    The operation of :func:`medreg.core.functional.separable_filter` with
+    ``padding="constant"``, laid out for speed on CPU: the channels are made the innermost
+    (``channels_last``) dimension and the padding is done by the convolution itself, which
+    makes depthwise convolution several times faster than on an ``(N, C, ...)``-contiguous
+    tensor. With symmetric kernels the operator is self-adjoint.
 
     Args:
         x: ``(B, K, *spatial)`` (2D or 3D spatial).
         kernels: one odd-length symmetric 1D kernel per axis in ``(x, y, z)`` order; ``None``
-            (or length 1) skips the axis.
-        padding: ``"zeros"`` (the output has the input's size; the filter is self-adjoint) or
-            ``"replicate"``.
+            or a length-1 kernel (which must be ``[1]``) skips the axis.
 
     Returns:
         ``(B, K, *spatial)`` filtered tensor (possibly in ``channels_last`` memory format).
@@ -50,27 +53,16 @@ def filter_separable(x: Tensor, kernels: Sequence[Tensor | None], padding: str =
     d = x.dim() - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
     k = x.shape[1]
-    if padding == "replicate":
-        pads: list[int] = []
-        for comp in range(d):  # F.pad lists the last tensor axis (x) first
-            ker = kernels[comp]
-            r = 0 if ker is None else ker.numel() // 2
-            pads += [r, r]
-        if any(pads):
-            x = F.pad(x, pads, mode="replicate")
     fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(d)
     for comp, ker in enumerate(kernels):
         if ker is None or ker.numel() == 1:
-            if ker is not None and float(ker.reshape(-1)[0]) != 1.0:
-                x = x * ker.reshape(-1)[0].to(x)
             continue
         axis = d - 1 - comp
         shape = [1] * d
         shape[axis] = ker.numel()
         weight = ker.to(x).reshape(1, 1, *shape).expand(k, 1, *shape).contiguous()
         pad = [0] * d
-        if padding == "zeros":
-            pad[axis] = ker.numel() // 2
+        pad[axis] = ker.numel() // 2
         if fmt is not None and k > 1:  # a no-op when the previous pass kept the layout
             x = x.contiguous(memory_format=fmt)
         x = conv(x, weight, padding=tuple(pad), groups=k)
@@ -103,7 +95,7 @@ def window_counts(shape: Sequence[int], kernels: Sequence[Tensor | None], *, dty
 class LocalMean(torch.autograd.Function):
     """Mean of every channel over a window truncated at the image border, ``S(x) / S(1)``.
 
-    ``S`` is :func:`filter_separable` with zero padding (self-adjoint for symmetric kernels),
+    ``S`` is :func:`filter_separable` (zero padding, self-adjoint for symmetric kernels),
     so the backward pass is ``S(g / S(1))``: one more filter, and nothing is saved but the
     kernels. Input ``(B, K, *spatial)``; output contiguous, same shape.
     """
@@ -112,13 +104,13 @@ class LocalMean(torch.autograd.Function):
     def forward(ctx, x: Tensor, kernels: list) -> Tensor:  # type: ignore[override]
         ctx.kernels = kernels
         counts = window_counts(x.shape[2:], kernels, dtype=x.dtype, device=x.device)
-        return (filter_separable(x, kernels, "zeros") / counts).contiguous()
+        return (filter_separable(x, kernels) / counts).contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         counts = window_counts(grad.shape[2:], ctx.kernels, dtype=grad.dtype,
                                device=grad.device)
-        return filter_separable(grad / counts, ctx.kernels, "zeros").contiguous(), None
+        return filter_separable(grad / counts, ctx.kernels).contiguous(), None
 
 
 def _window_view(x: Tensor, start: Sequence[int], size: Sequence[int]) -> Tensor:
@@ -172,21 +164,22 @@ class MindDescriptor(torch.autograd.Function):
         state = (vraw < lo * level).to(torch.uint8) + 2 * (vraw > hi * level).to(torch.uint8)
         v = v + 1e-12
         desc = torch.div(e, v).neg_().exp_()
-        ctx.save_for_backward(e, v, arg.to(torch.uint8), state, desc)
+        ctx.save_for_backward(e, v, arg.to(torch.uint8), state)  # desc is recomputed
         ctx.lo, ctx.hi = lo, hi
         return desc
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        e, v, arg, state, desc = ctx.saved_tensors
+        e, v, arg, state = ctx.saved_tensors
         p = e.shape[1]
-        gd = grad * desc
+        gd = torch.div(e, v).neg_().exp_().mul_(grad)  # grad · desc
         gv = (gd * e).sum(1, keepdim=True) / (v * v)
         ge = gd.div_(v).neg_()  # direct path
         dims = tuple(range(2, e.dim()))
         nvox = math.prod(e.shape[2:])
-        glevel = (torch.where(state == 1, gv * ctx.lo, torch.zeros_like(gv))
-                  + torch.where(state == 2, gv * ctx.hi, torch.zeros_like(gv))).sum(dims, keepdim=True)
+        zero = torch.zeros_like(gv)
+        glevel = (torch.where(state == 1, gv * ctx.lo, zero)
+                  + torch.where(state == 2, gv * ctx.hi, zero)).sum(dims, keepdim=True)
         gvraw = torch.where(state == 0, gv, torch.zeros_like(gv)) + glevel / nvox
         ge.add_(gvraw / p)
         # e = D − D[argmin]: the minimum's channel receives minus the sum
@@ -199,29 +192,34 @@ def _stack_channels_last(fields: Sequence[Tensor]) -> Tensor:
     return torch.stack([f[:, 0] for f in fields], dim=-1).movedim(-1, 1)
 
 
+def _masked_products(fixed: Tensor, warped: Tensor, mask: Tensor) -> list[Tensor]:
+    mf, mw = mask * fixed, mask * warped
+    return [mf, mw, mf * fixed, mw * warped, mf * warped, mask.expand_as(fixed)]
+
+
 def _local_moments(fixed: Tensor, warped: Tensor, mask: Tensor | None,
                    kernels: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
     """Local weighted means ``a, b`` and (co)variances ``vf, vw, c`` and the local mass ``n``."""
+    # one channels-last stack of the product fields, filtered in one go; no name keeps the
+    # products or the stack alive, so each is freed as soon as it has been consumed
     if mask is None:
-        fields = [fixed, warped, fixed * fixed, warped * warped, fixed * warped]
+        sums = filter_separable(_stack_channels_last(
+            [fixed, warped, fixed * fixed, warped * warped, fixed * warped]), kernels)
     else:
-        mf, mw = mask * fixed, mask * warped
-        fields = [mf, mw, mf * fixed, mw * warped, mf * warped, mask.expand_as(fixed)]
-    stacked = _stack_channels_last(fields)  # channels innermost: filtered in one go
-    del fields
-    sums = filter_separable(stacked, kernels, "zeros")
-    del stacked
+        sums = filter_separable(_stack_channels_last(_masked_products(fixed, warped, mask)),
+                                kernels)
     if mask is None:
         n = window_counts(fixed.shape[2:], kernels, dtype=fixed.dtype, device=fixed.device)
     else:
         n = sums[:, 5:6].clamp_min(TINY)
         sums = sums[:, :5]
-    sums = sums / n
+    sums = sums.div_(n)
     a, b, aa, bb, ab = (sums[:, i:i + 1] for i in range(5))
     vf = torch.addcmul(aa, a, a, value=-1.0).clamp_min_(0.0)
     vw = torch.addcmul(bb, b, b, value=-1.0).clamp_min_(0.0)
     c = torch.addcmul(ab, a, b, value=-1.0)
-    return a, b, vf, vw, c, n
+    # copies of the means, so that the 5-field tensor is freed before the backward pass
+    return a.contiguous(), b.contiguous(), vf, vw, c, n
 
 
 class LocalCorrelation(torch.autograd.Function):
@@ -274,9 +272,10 @@ class LocalCorrelation(torch.autograd.Function):
             fields += [torch.mul(gc, a).addcmul_(gvw, b, value=2.0).neg_().div_(n),
                        gvw.div_(n)]
         fields.append(gc.div_(n))  # d/d(ab) = gc
-        del gc, gvf, gvw
-        back = filter_separable(_stack_channels_last(fields), ctx.kernels, "zeros")
-        del fields
+        # hand the stack over without keeping a name on it: freed after the first pass
+        holder = [_stack_channels_last(fields)]
+        del fields, gc, gvf, gvw
+        back = filter_separable(holder.pop(), ctx.kernels)
         s_ab = back[:, -1:]
         grad_f = grad_w = None
         i = 0
@@ -307,80 +306,115 @@ def parzen_support(bins: int, parzen: str, sigma: float) -> int:
     return min(bins, 2 * int(math.ceil(GAUSS_TRUNCATE * sigma)) + 1)
 
 
+#: Cubic B-spline weights of the 4 supporting bins as polynomials in the fractional position
+#: ``u``: ``w = [1, u, u², u³] @ _BSPLINE`` and ``dw/du = [1, u, u²] @ _BSPLINE_D``.
+_BSPLINE = ((1 / 6, 4 / 6, 1 / 6, 0.0),
+            (-3 / 6, 0.0, 3 / 6, 0.0),
+            (3 / 6, -1.0, 3 / 6, 0.0),
+            (-1 / 6, 3 / 6, -3 / 6, 1 / 6))
+_BSPLINE_D = ((-0.5, 0.0, 0.5, 0.0),
+              (1.0, -2.0, 1.0, 0.0),
+              (-0.5, 1.5, -1.5, 0.5))
+
+
 def parzen_weights(t: Tensor, bins: int, parzen: str, sigma: float, derivative: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Sparse Parzen weights of bin coordinates ``t`` ``(c,)``.
+    """Sparse Parzen weights of bin coordinates ``t`` ``(..., c)``.
 
     Returns:
-        ``start`` ``(c,)`` long: first supporting bin; ``w`` ``(c, S)``: the weights of bins
-        ``start .. start + S − 1`` (rows sum to 1, all bins valid); ``dw`` ``(c, S)``: their
-        derivative w.r.t. ``t`` (or None).
+        ``start`` ``(..., c)`` long: first supporting bin; ``w`` ``(..., c, S)``: the weights of
+        bins ``start .. start + S − 1`` (each row sums to 1, all bins valid); ``dw``
+        ``(..., c, S)``: their derivative w.r.t. ``t`` (or None).
 
     B-spline (cubic): ``t`` must lie in ``[2, bins − 3]``. Gaussian: centres at ``0..bins−1``,
     standard deviation ``sigma`` bins, renormalised over the bins that exist (as a dense
-    evaluation over all bins would be, up to the truncation).
+    evaluation over all bins would be, up to the truncation at ``6σ + ½`` bins).
     """
     if parzen == "bspline":
         i0 = t.floor().clamp_(2, bins - 3)
-        u = (t - i0).unsqueeze(1)  # (c, 1) in [0, 1]
-        u2 = u * u
-        u3 = u2 * u
-        w = torch.cat([(1 - u) ** 3 / 6, (3 * u3 - 6 * u2 + 4) / 6,
-                       (-3 * u3 + 3 * u2 + 3 * u + 1) / 6, u3 / 6], dim=1)
+        # powers [1, u, u², u³] of the fractional part, then one small matrix product
+        powers = torch.sub(t, i0).unsqueeze(-1).pow(torch.arange(4, device=t.device,
+                                                                 dtype=t.dtype))
+        w = powers @ torch.tensor(_BSPLINE, dtype=t.dtype, device=t.device)
         dw = None
         if derivative:
-            dw = torch.cat([-0.5 * (1 - u) ** 2, 1.5 * u2 - 2 * u, -1.5 * u2 + u + 0.5,
-                            0.5 * u2], dim=1)
-        return i0.long() - 1, w, dw
+            dw = powers[..., :3] @ torch.tensor(_BSPLINE_D, dtype=t.dtype, device=t.device)
+        return i0.long().sub_(1), w, dw
     size = parzen_support(bins, parzen, sigma)
-    radius = size // 2
-    start = (t.round() - radius).clamp_(0, bins - size)
-    z = (t.unsqueeze(1) - start.unsqueeze(1)
-         - torch.arange(size, dtype=t.dtype, device=t.device)) / sigma
-    e = torch.exp(-0.5 * z * z)
-    w = e / e.sum(1, keepdim=True)
+    start = t.round().sub_(size // 2).clamp_(0, bins - size)
+    z = (t - start).unsqueeze(-1).sub(torch.arange(size, dtype=t.dtype, device=t.device))
+    z.div_(sigma)
+    w = torch.mul(z, z).mul_(-0.5).exp_()
+    w.div_(w.sum(-1, keepdim=True))
     dw = None
-    if derivative:
-        s = -z / sigma  # d log e / dt
-        dw = w * (s - (w * s).sum(1, keepdim=True))
+    if derivative:  # dw_k/dt = w_k (s_k − Σ_j w_j s_j) with s = −z / σ
+        s = z.mul_(-1.0 / sigma)
+        dw = s.sub_((w * s).sum(-1, keepdim=True)).mul_(w)
     return start.long(), w, dw
 
 
-def _chunk_size(support: int) -> int:
-    """Voxels per chunk: about 4 M joint-histogram contributions (≈ 60 MB of temporaries);
-    large chunks keep the number of (thread-synchronised) tensor operations small."""
-    return max(4096, (1 << 22) // (support * support))
+def _chunk_size(bins: int) -> int:
+    """Voxels per chunk: dense ``(chunk, bins)`` weight matrices of about 8 M entries (32 MB in
+    float32). Large chunks keep the number of (thread-synchronised) tensor operations small."""
+    return max(4096, (1 << 23) // max(bins, 1))
+
+
+class _Dense:
+    """A reusable zero ``(2, chunk, bins)`` buffer for the dense Parzen weight matrices.
+
+    Rows are filled by ``scatter_`` from the sparse weights and zeroed again after use; reusing
+    one buffer avoids a fresh (page-faulting) allocation per chunk.
+    """
+
+    def __init__(self, rows: int, bins: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.buf = torch.zeros(2, rows, bins, dtype=dtype, device=device)
+        self.arange = None
+
+    def fill(self, start: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``start`` ``(2, c)``, ``w`` ``(2, c, S)`` → dense ``(2, c, bins)`` view and indices."""
+        c, size = w.shape[1], w.shape[2]
+        if self.arange is None or self.arange.numel() != size:
+            self.arange = torch.arange(size, device=w.device)
+        idx = start.unsqueeze(2) + self.arange
+        dense = self.buf[:, :c]
+        dense.scatter_(2, idx, w)
+        return dense, idx
+
+    def clear(self, idx: Tensor) -> None:
+        self.buf[:, :idx.shape[1]].zero_()  # a plain fill is cheaper than scattering zeros
 
 
 class JointHistogram(torch.autograd.Function):
     """Parzen joint histogram ``P[b, i, j] = Σ_v m_v K(tf_v − i) K(tm_v − j)``.
 
     Inputs ``tf, tm``: ``(B, V)`` bin coordinates; ``mask``: ``(B, V)`` weights or None (not
-    differentiated). Output ``(B, bins, bins)`` (unnormalised: sums to ``Σ m``). Each sample
-    adds ``S × S`` weights (``S`` = :func:`parzen_support`) with one ``scatter_add_`` per chunk
-    of voxels; the backward pass gathers the ``S × S`` upstream gradients per sample.
+    differentiated). Output ``(B, bins, bins)`` in float64 for lower-precision inputs
+    (unnormalised: sums to ``Σ m``). Per chunk of voxels, the sparse Parzen weights of both
+    images (4 bins per sample for the B-spline, ``2⌈6σ⌉+1`` for the Gaussian) are evaluated
+    together, spread into dense ``(chunk, bins)`` matrices and multiplied (``W_fᵀ W_m``); the
+    backward pass multiplies by the upstream gradient and gathers at the supporting bins.
     """
 
     @staticmethod
     def forward(ctx, tf: Tensor, tm: Tensor, mask: Tensor | None, bins: int, parzen: str,
                 sigma: float) -> Tensor:  # type: ignore[override]
         nb, nv = tf.shape
-        size = parzen_support(bins, parzen, sigma)
-        offsets = _offsets(size, bins, tf.device)
-        out = torch.zeros(nb, bins * bins, dtype=tf.dtype, device=tf.device)
-        step = _chunk_size(size)
+        acc = torch.float64 if tf.dtype != torch.float64 else tf.dtype
+        out = torch.zeros(nb, bins, bins, dtype=acc, device=tf.device)
+        step = min(_chunk_size(bins), nv)
+        dense = _Dense(step, bins, tf.dtype, tf.device)
         for i in range(nb):
             for s in range(0, nv, step):
-                sf, wf, _ = parzen_weights(tf[i, s:s + step], bins, parzen, sigma)
-                sm, wm, _ = parzen_weights(tm[i, s:s + step], bins, parzen, sigma)
+                t = torch.stack([tf[i, s:s + step], tm[i, s:s + step]])
+                start, w, _ = parzen_weights(t, bins, parzen, sigma)
                 if mask is not None:
-                    wf = wf * mask[i, s:s + step].unsqueeze(1)
-                index = (sf * bins + sm).unsqueeze(1) + offsets  # (c, S*S)
-                out[i].scatter_add_(0, index.reshape(-1),
-                                    (wf.unsqueeze(2) * wm.unsqueeze(1)).reshape(-1))
+                    w[0].mul_(mask[i, s:s + step].unsqueeze(1))
+                wd, idx = dense.fill(start, w)
+                out[i] += (wd[0].t() @ wd[1]).to(acc)
+                dense.clear(idx)
         ctx.save_for_backward(tf, tm, mask)
         ctx.bins, ctx.parzen, ctx.sigma = bins, parzen, sigma
-        return out.reshape(nb, bins, bins)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -392,31 +426,26 @@ class JointHistogram(torch.autograd.Function):
         grad_m = torch.zeros_like(tm) if need_m else None
         bins, parzen, sigma = ctx.bins, ctx.parzen, ctx.sigma
         nb, nv = tf.shape
-        size = parzen_support(bins, parzen, sigma)
-        offsets = _offsets(size, bins, tf.device)
-        step = _chunk_size(size)
+        step = min(_chunk_size(bins), nv)
+        dense = _Dense(step, bins, tf.dtype, tf.device)
         for i in range(nb):
-            g = grad[i].reshape(-1)
+            g = grad[i].to(tf.dtype)
             for s in range(0, nv, step):
                 sl = slice(s, s + step)
-                sf, wf, dwf = parzen_weights(tf[i, sl], bins, parzen, sigma, derivative=need_f)
-                sm, wm, dwm = parzen_weights(tm[i, sl], bins, parzen, sigma, derivative=need_m)
-                index = (sf * bins + sm).unsqueeze(1) + offsets
-                gs = g.index_select(0, index.reshape(-1)).reshape(-1, size, size)
-                m = None if mask is None else mask[i, sl]
+                t = torch.stack([tf[i, sl], tm[i, sl]])
+                start, w, dw = parzen_weights(t, bins, parzen, sigma, derivative=True)
+                m = None if mask is None else mask[i, sl].unsqueeze(1)
+                if m is not None:
+                    w[0].mul_(m)
+                wd, idx = dense.fill(start, w)
+                # ∂L/∂tm_v = Σ_ab m_v Wf[v,a] G[a,b] dWm[v,b]; ∂L/∂tf_v likewise with Gᵀ
                 if need_m:
-                    gm = ((wf.unsqueeze(2) * gs).sum(1) * dwm).sum(1)
-                    grad_m[i, sl] = gm if m is None else gm * m
+                    grad_m[i, sl] = (wd[0] @ g).gather(1, idx[1]).mul_(dw[1]).sum(1)
                 if need_f:
-                    gf = ((gs * wm.unsqueeze(1)).sum(2) * dwf).sum(1)
-                    grad_f[i, sl] = gf if m is None else gf * m
+                    gf = (wd[1] @ g.t()).gather(1, idx[0]).mul_(dw[0]).sum(1)
+                    grad_f[i, sl] = gf if m is None else gf.mul_(m[:, 0])
+                dense.clear(idx)
         return grad_f, grad_m, None, None, None, None
-
-
-def _offsets(size: int, bins: int, device: torch.device) -> Tensor:
-    """Flat joint-histogram offsets ``a·bins + b`` of an ``S × S`` support, ``(1, S*S)``."""
-    r = torch.arange(size, device=device)
-    return (r.unsqueeze(1) * bins + r.unsqueeze(0)).reshape(1, -1)
 
 
 def entropy_terms(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -456,7 +485,8 @@ class StencilEnergy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, stencils: tuple, weights: tuple) -> Tensor:  # type: ignore[override]
+    def forward(ctx, u: Tensor, stencils: tuple,  # type: ignore[override]
+                weights: tuple) -> Tensor:
         total = u.new_zeros(u.shape[0])
         for stencil, w in zip(stencils, weights):
             size = _stencil_size(u.shape[2:], stencil)

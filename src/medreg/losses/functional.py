@@ -30,6 +30,14 @@ Convention:
       bending, isotropic TV: Frobenius norms of derivatives), so spacing alone suffices for
       them. The elastic energy and the Jacobian determinant mix components and derivative
       directions: give them a :class:`~medreg.core.Grid` to honour its direction.
+      Stencils: diffusion and TV use forward differences, bending the compact 3-point second
+      and 2×2 mixed differences (none of them is blind to a checkerboard); elastic and the
+      Jacobian use the central differences of :func:`medreg.core.functional.spatial_gradient`.
+
+Performance:
+    LNCC, MI, MIND and the diffusion and bending energies run through hand-written backward
+    passes (:mod:`medreg.losses._kernels`) that keep memory at a few image-sized tensors; they
+    give exact first derivatives (checked with ``gradcheck``) but no double backward.
 """
 
 from __future__ import annotations
@@ -49,8 +57,8 @@ from medreg.losses import _kernels as K
 
 __all__ = [
     "bending", "check_choice", "combine_masks", "diffusion", "elastic", "epe", "jacobian_penalty",
-    "joint_histogram", "lncc", "masked_mean", "mind_loss", "mind_ssc", "mutual_information", "ncc", "ngf",
-    "normalised_mutual_information", "one_hot", "reduce_batch", "soft_dice", "ssd",
+    "joint_histogram", "lncc", "masked_mean", "mind_loss", "mind_ssc", "mutual_information",
+    "ncc", "ngf", "normalised_mutual_information", "one_hot", "reduce_batch", "soft_dice", "ssd",
     "total_variation", "tre", "window_kernels",
 ]
 
@@ -331,8 +339,10 @@ def lncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, *,
 
     At each voxel ``x`` the correlation of ``fixed`` and ``warped`` over a window centred at
     ``x`` is ``cc = cov / sqrt(var_f·var_w + eps)`` with mask-weighted local moments; windows
-    are truncated at the image border (only voxels inside the image count). The cost is 8 to 11
-    separable filter passes whatever the window size, and memory stays at a few images.
+    are truncated at the image border (only voxels inside the image count). The work is a
+    fixed number of separable filter passes (5 or 6 fields forward, 3 per input that needs a
+    gradient backward), each linear in the window's width along its axis (not cubic), on
+    channels-last tensors; memory stays at about a dozen image-sized tensors.
 
     Each image is first standardised (zero mean, unit variance over the masked voxels), which
     leaves ``cc`` unchanged but makes ``eps`` relative and avoids float32 cancellation.
@@ -435,8 +445,16 @@ def joint_histogram(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, *
         fixed_range: intensity range of ``fixed`` when it differs from ``value_range``.
 
     Returns:
-        ``(N·C, bins, bins)`` probabilities summing to 1 (differentiable w.r.t. both images).
+        ``(N·C, bins, bins)`` probabilities summing to 1 (differentiable w.r.t. both images),
+        in the images' dtype (accumulated in float64).
     """
+    return _joint_histogram(fixed, warped, mask, bins=bins, parzen=parzen, sigma=sigma,
+                            value_range=value_range, fixed_range=fixed_range).to(fixed.dtype)
+
+
+def _joint_histogram(fixed: Tensor, warped: Tensor, mask: Tensor | None, *, bins: int,
+                     parzen: str, sigma: float, value_range, fixed_range) -> Tensor:
+    """:func:`joint_histogram` in float64 (for float32 inputs)."""
     parzen = check_choice(parzen, "Parzen window", PARZEN_WINDOWS)
     bins = _check_bins(bins, parzen)
     sigma = _check_positive(sigma, "sigma")
@@ -482,14 +500,14 @@ def mutual_information(fixed: Tensor, warped: Tensor, mask: Tensor | None = None
         ≥ 4 bins apart), or ``−NMI`` in ``[−2, −1]`` (−2 for identical images under hard
         binning, e.g. a narrow Gaussian window).
     """
-    hist = joint_histogram(fixed, warped, mask, bins=bins, parzen=parzen, sigma=sigma,
-                           value_range=value_range, fixed_range=fixed_range)
-    hf, hw, hfw = K.entropy_terms(hist)
+    hist = _joint_histogram(fixed, warped, mask, bins=bins, parzen=parzen, sigma=sigma,
+                            value_range=value_range, fixed_range=fixed_range)
+    hf, hw, hfw = K.entropy_terms(hist)  # in float64 for float32 images
     if normalised:
         value = (hf + hw) / hfw.clamp_min(1e-12)
     else:
         value = hf + hw - hfw
-    per = -value.reshape(fixed.shape[0], fixed.shape[1]).mean(1)
+    per = -value.reshape(fixed.shape[0], fixed.shape[1]).mean(1).to(fixed.dtype)
     return reduce_batch(per, reduction)
 
 

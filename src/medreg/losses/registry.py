@@ -144,8 +144,8 @@ class WeightedSum(nn.Module):
         for label, (weight, module) in terms.items():
             kind = getattr(module, "kind", None)
             if kind not in _NEEDS:
-                raise InputError(f"loss term {label!r} ({type(module).__name__}) has no known kind; "
-                                 f"expected one of: {', '.join(_NEEDS)}")
+                raise InputError(f"loss term {label!r} ({type(module).__name__}) has no known "
+                                 f"kind; expected one of: {', '.join(_NEEDS)}")
             try:
                 w = float(weight)
             except (TypeError, ValueError):
@@ -158,7 +158,7 @@ class WeightedSum(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Mapping[str, Any]]) -> "WeightedSum":
-        """Build from ``{label: {"name": registry name (default label), "weight": w, **params}}``."""
+        """Build from ``{label: {"name": registry name (default: label), "weight": w, **kw}}``."""
         if not isinstance(config, Mapping) or not config:
             raise InputError("a loss config must be a non-empty mapping of term label to "
                              "settings, e.g. {'lncc': {'weight': 1, 'window': 9}}")

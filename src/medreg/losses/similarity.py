@@ -181,7 +181,9 @@ class NMI(MI):
 
 
 class MIND(SimilarityLoss):
-    """MIND-SSD: squared difference of MIND-SSC descriptors (:func:`~medreg.losses.functional.mind_loss`).
+    """MIND-SSD: squared difference of MIND-SSC descriptors.
+
+    See :func:`~medreg.losses.functional.mind_loss` and :func:`~medreg.losses.functional.mind_ssc`.
 
     Args:
         radius: patch half-width.

@@ -1,0 +1,268 @@
+"""Discrete displacement search + convex smoothing + instance optimisation (issue 5).
+
+Real data: the bundled Colin27 T1 (2 mm) — an axial slice and a small 3D crop — so these
+tests always run. Known deformations are smooth bumps (stationary velocity fields) of more
+than 8 voxels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import medreg
+from medreg.core import Grid, Image, InputError
+from medreg.engine import load_preset
+from medreg.engine.discrete import (DiscreteParams, convex_optimise, cost_chunk, cost_volume,
+                                    discrete_registration, feature_maps, run_discrete,
+                                    search_plan)
+from medreg.io import read_image
+from medreg.transforms import (Identity, StationaryVelocityField, compose_displacements,
+                               warp_image)
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "medreg" / "data"
+
+
+# ----------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def volume() -> Image:
+    return read_image(BUNDLED / "colin27_t1_2mm.nii.gz").to(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def slice2d(volume) -> Image:
+    """An axial slice (90 × 108 voxels of 2 mm: sizes even, so factor-2 grids nest exactly)."""
+    g3 = volume.grid
+    k = g3.size[2] // 2 + 5
+    g2 = Grid(g3.size[:2], g3.spacing[:2], g3.origin[:2], g3.direction[:2, :2]).crop((0, 0), (90, 108))
+    return Image(volume.data[0, k, :108, :90], g2, "colin27 slice")
+
+
+@pytest.fixture(scope="module")
+def crop3d(volume) -> Image:
+    """A 48 × 52 × 40 crop around the centre of the brain (ventricles, deep grey matter)."""
+    g = volume.grid
+    size = (48, 52, 40)
+    start = [n // 2 - s // 2 for n, s in zip(g.size, size)]
+    stop = [a + s for a, s in zip(start, size)]
+    data = volume.data[0, start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]]
+    return Image(data, g.crop(start, stop), "colin27 crop")
+
+
+def bump(image: Image, amplitude_vox: float, sigma_vox: float, direction) -> StationaryVelocityField:
+    """A smooth bump: ``exp`` of a Gaussian velocity centred in the image (world mm)."""
+    g = image.grid
+    idx = g.points("index", dtype=torch.float64)
+    centre = torch.tensor([(n - 1) / 2 for n in g.size], dtype=torch.float64)
+    profile = torch.exp(-0.5 * ((idx - centre) ** 2).sum(-1) / sigma_vox ** 2)
+    e = torch.tensor(direction, dtype=torch.float64)
+    v = profile[..., None] * (e / e.norm()) * amplitude_vox * min(g.spacing)
+    return StationaryVelocityField(v.movedim(-1, 0)[None], g, steps=7)
+
+
+def deformed(image: Image, truth) -> Image:
+    """The moving image such that ``moving(truth(x)) = image(x)``."""
+    return warp_image(image, truth.inverse(), image.grid)
+
+
+def endpoint_errors(estimate, truth, image: Image) -> dict[str, float]:
+    """Mean endpoint error (voxels) over the head and over the moved region (|u| > 2 voxels)."""
+    g = image.grid
+    vox = min(g.spacing)
+    with torch.no_grad():
+        est = estimate.displacement(g).double()
+        ref = truth.displacement(g).double()
+    head = image.data[0] > 0.1 * float(image.data.max())
+    moved = head & (ref.norm(dim=1)[0] > 2 * vox)
+    err = (est - ref).norm(dim=1)[0] / vox
+    return {"head": float(err[head].mean()), "moved": float(err[moved].mean()),
+            "max_true": float(ref.norm(dim=1).max()) / vox}
+
+
+def gradient_only(fixed: Image, moving: Image):
+    """The shipped ``fast`` preset's deformable (SVF, gradient descent) stage alone."""
+    from medreg import losses
+
+    if not hasattr(losses, "create"):
+        pytest.skip("medreg.losses.create (the losses registry) is not available yet: the "
+                    "gradient-only comparison cannot run")
+    cfg = load_preset("fast").to_dict()
+    cfg["initialisation"] = "none"
+    cfg["stages"] = [s for s in cfg["stages"] if s["type"] not in
+                     ("translation", "rigid", "similarity", "affine")]
+    return medreg.register(fixed, moving, config=cfg).transform
+
+
+# ----------------------------------------------------------------------------- capture range
+# Bumps of 13-14 voxels (26-28 mm): beyond what the gradient-only preset's pyramid recovers,
+# inside the search box of the discrete stage (radius 36 / 32 mm).
+CAPTURE_2D = dict(feature_factor=2, radius_mm=36, io_factor=1)
+CAPTURE_3D = dict(feature_factor=2, radius_mm=32, step_mm=8, io_factor=1)
+
+
+def check_capture(image: Image, truth, params: dict) -> None:
+    moving = deformed(image, truth)
+    est = discrete_registration(image, moving, Identity(image.ndim), DiscreteParams(**params))
+    err = endpoint_errors(est, truth, image)
+    assert err["max_true"] >= 8.0
+    assert err["moved"] < 1.0 and err["head"] < 1.0, err
+    base = endpoint_errors(gradient_only(image, moving), truth, image)
+    # the gradient-only preset, on the same pair, is measurably worse where the bump moved
+    # (measured: 2D 2.86 vs 0.48 voxels, 3D 1.07 vs 0.64)
+    assert base["moved"] > 1.3 * err["moved"] and base["moved"] > err["moved"] + 0.25, (err, base)
+
+
+def test_capture_range_2d(slice2d):
+    check_capture(slice2d, bump(slice2d, 14.0, 14.0, [1.0, 0.6]), CAPTURE_2D)
+
+
+def test_capture_range_3d(crop3d):
+    check_capture(crop3d, bump(crop3d, 14.0, 10.0, [1.0, 0.6, -0.4]), CAPTURE_3D)
+
+
+# ----------------------------------------------------------------------------- cost volume
+def _shifted_image(image: Image, shift_xy: tuple[int, int]) -> Image:
+    """``moving(y) = image(y − s)`` for an index shift ``s`` (x, y), zero filled."""
+    sx, sy = shift_xy
+    out = torch.zeros_like(image.data)
+    h, w = image.grid.shape
+    out[0, max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)] = \
+        image.data[0, max(-sy, 0):h - max(sy, 0), max(-sx, 0):w - max(sx, 0)]
+    return image.with_data(out)
+
+
+@pytest.mark.parametrize("features", ["mind", "intensity"])
+def test_cost_volume_minimum_at_integer_shift(slice2d, features):
+    params = DiscreteParams(features=features, feature_factor=2, radius_mm=12)
+    coarse = slice2d.grid.downsample(2)
+    assert np.allclose(coarse.spacing, 4.0)  # the slice's size is even: exact nesting
+    plan = search_plan(coarse, params.radius_mm)
+    k = (2, -1)  # coarse voxels (x, y) = 2 fine voxels each
+    moving = _shifted_image(slice2d, (2 * k[0], 2 * k[1]))
+    f = feature_maps(slice2d.batch(), slice2d.grid, params, plan.search)
+    m = feature_maps(moving.batch(), moving.grid, params, plan.search)
+    full = cost_volume(plan.centre(f), m, plan.offsets, plan.stride)
+    label = int(((plan.offsets == torch.tensor(k)).all(1)).nonzero())
+    # inside the image: away from the border by the shift and the features' reach
+    margin = 4
+    inside = torch.zeros(coarse.shape, dtype=torch.bool)
+    inside[margin + abs(k[1]):-margin - abs(k[1]), margin + abs(k[0]):-margin - abs(k[0])] = True
+    cost = full.cost[0]
+    at_shift = cost[label][inside]
+    assert float(at_shift.abs().max()) < 1e-5
+    assert bool((at_shift <= cost.min(0).values[inside] + 1e-5).all())
+    # inside the head the MIND minimum is unique (raw intensities tie in uniform tissue)
+    head = (warp_image(slice2d, Identity(2), coarse).data[0] > 20)[inside]
+    if features == "mind":
+        assert float((cost.argmin(0)[inside][head] == label).double().mean()) > 0.99
+    # chunked and unchunked computations agree exactly
+    for chunk in (1, 7, plan.num_labels - 1):
+        part = cost_volume(plan.centre(f), m, plan.offsets, plan.stride, chunk=chunk)
+        assert part.chunk == chunk
+        assert torch.equal(part.cost, full.cost)
+    if features != "mind":
+        return
+    # the candidates are world vectors: the regularised optimum is the shift in mm (with and
+    # without mean-field smoothing of the candidate probabilities)
+    want = torch.as_tensor(coarse.direction @ (np.asarray(k) * np.asarray(coarse.spacing)),
+                           dtype=torch.float32)
+    for extra in ({}, {"mean_field": 2}):
+        p = DiscreteParams(**{**params.to_dict(), **extra})
+        u = convex_optimise(full.cost, plan.offsets_mm.float(), coarse, p, plan.step_mm)
+        err = (u[0].movedim(0, -1)[inside] - want).norm(dim=-1)
+        assert float(err[head].mean()) < 0.25 * min(coarse.spacing), extra
+
+
+def test_cost_volume_masks_make_the_cost_neutral(slice2d):
+    params = DiscreteParams(feature_factor=2, radius_mm=8)
+    coarse = slice2d.grid.downsample(2)
+    plan = search_plan(coarse, params.radius_mm)
+    f = feature_maps(slice2d.batch(), slice2d.grid, params, plan.search)
+    fixed_w = torch.zeros(1, 1, *coarse.shape)
+    fixed_w[..., 10:30, 10:30] = 1
+    cv = cost_volume(plan.centre(f), f, plan.offsets, plan.stride, fixed_weight=fixed_w,
+                     moving_weight=torch.ones(1, 1, *plan.search.shape))
+    out = cv.cost[0][:, fixed_w[0, 0] == 0]
+    assert torch.allclose(out, out[:1].expand_as(out))  # every candidate costs the same there
+    inner = cv.cost[0][:, fixed_w[0, 0] > 0]
+    assert float(inner.std(0).min()) > 0
+
+
+# ----------------------------------------------------------------------------- inverse consistency
+def test_inverse_consistent_mode(slice2d):
+    truth = bump(slice2d, 6.0, 12.0, [-0.5, 1.0])
+    moving = deformed(slice2d, truth)
+    res = run_discrete(slice2d, moving, Identity(2),
+                       DiscreteParams(feature_factor=2, radius_mm=20, io_iterations=30,
+                                      inverse_consistent=True))
+    g = slice2d.grid
+    u, v = res.forward.field.double(), res.backward.field.double()
+    head = slice2d.data[0] > 0.1 * float(slice2d.data.max())
+    vox = min(g.spacing)
+    fwd_bwd = compose_displacements(u, v, g).norm(dim=1)[0][head].mean() / vox  # u∘v
+    bwd_fwd = compose_displacements(v, u, g).norm(dim=1)[0][head].mean() / vox  # v∘u
+    assert float(fwd_bwd) < 0.5 and float(bwd_fwd) < 0.5, (float(fwd_bwd), float(bwd_fwd))
+    assert endpoint_errors(res.forward, truth, slice2d)["moved"] < 1.0
+
+
+# ----------------------------------------------------------------------------- memory
+def test_chunk_size_keeps_the_cost_volume_under_budget(crop3d):
+    params = DiscreteParams(feature_factor=2, radius_mm=12)
+    coarse = crop3d.grid.downsample(2)
+    plan = search_plan(coarse, params.radius_mm)
+    f = feature_maps(crop3d.batch(), crop3d.grid, params, plan.search)
+    ff = plan.centre(f)
+    vox = coarse.numel
+    volume = plan.num_labels * vox * 4
+    budget_mb = (volume + 40 * vox * 4) / 2 ** 20  # the volume and 40 candidate buffers
+    chunk, peak = cost_chunk(plan.num_labels, vox, memory_mb=budget_mb)
+    assert chunk == 40 and peak <= budget_mb * 2 ** 20
+    cv = cost_volume(ff, f, plan.offsets, plan.stride, memory_mb=budget_mb)
+    assert cv.chunk == 40 and cv.peak_bytes <= budget_mb * 2 ** 20
+    assert cv.volume_bytes == volume
+    assert torch.equal(cv.cost, cost_volume(ff, f, plan.offsets, plan.stride).cost)
+    # a budget below the volume itself is a clear error
+    with pytest.raises(InputError, match="memory_mb"):
+        cost_volume(ff, f, plan.offsets, plan.stride, memory_mb=0.5 * volume / 2 ** 20)
+    # the whole stage honours the budget and reports its peak
+    res = run_discrete(crop3d, crop3d, None, DiscreteParams(feature_factor=2, radius_mm=12,
+                                                            io_iterations=0, memory_mb=budget_mb))
+    assert res.stats["cost_chunk"] == 40
+    assert res.stats["cost_peak_mb"] <= budget_mb
+
+
+# ----------------------------------------------------------------------------- parameters
+def test_parameters_are_validated():
+    with pytest.raises(InputError, match="features"):
+        DiscreteParams(features="sift")
+    with pytest.raises(InputError, match="coupling"):
+        DiscreteParams(coupling=[1.0, 0.1])
+    with pytest.raises(InputError, match="radius_mm"):
+        DiscreteParams(radius_mm=0)
+    with pytest.raises(InputError, match="unknown key"):
+        DiscreteParams.from_dict({"radius": 10})
+    p = DiscreteParams.from_dict({"radius_mm": 10, "coupling": [0.1, 1], "io_iterations": 0})
+    assert p.radius_mm == 10.0 and p.coupling == [0.1, 1.0] and p.io_iterations == 0
+
+
+def test_callable_features_and_prefix(slice2d):
+    """A callable extractor is used as given; the search runs after the prefix transform."""
+    from medreg.transforms import TranslationTransform
+
+    calls = []
+
+    def raw(image, grid):
+        calls.append(grid)
+        return image
+
+    shift = TranslationTransform(2, [6.0, -4.0], trainable=False)
+    moving = warp_image(slice2d, shift.inverse(), slice2d.grid)  # moving(shift(x)) = fixed(x)
+    est = discrete_registration(slice2d, moving, shift,
+                                DiscreteParams(features=raw, feature_factor=2, radius_mm=8,
+                                               io_iterations=5))
+    assert calls
+    head = slice2d.data[0] > 0.1 * float(slice2d.data.max())
+    assert float(est.field.norm(dim=1)[0][head].mean()) < 0.5 * min(slice2d.grid.spacing)
