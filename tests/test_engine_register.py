@@ -151,3 +151,22 @@ def test_seed_gives_bit_identical_results(slice2d):
     with torch.no_grad():
         assert torch.equal(a.transform.displacement(g), b.transform.displacement(g))
         assert torch.equal(a.warped.data, b.warped.data)
+
+
+def test_discrete_stage_through_the_driver(slice2d):
+    g = slice2d.grid
+    truth = AffineTransform(2, translation=[6.0, -4.0], trainable=False, dtype=torch.float64)
+    moving = warp_image(slice2d, truth.inverse(), g)
+    cfg = config_from_dict({"initialisation": "none", "stages": [
+        {"type": "discrete", "discrete": {"feature_factor": 2, "radius_mm": 12, "io_iterations": 20,
+                                          "io_factor": 1, "inverse_consistent": True}}]})
+    res = medreg.register(slice2d, moving, config=cfg)
+    head = slice2d.data[0] > 0.2 * float(slice2d.data.max())
+    with torch.no_grad():
+        err = (res.transform.displacement(g) - truth.displacement(g)).norm(dim=1)[0][head]
+    assert float(err.mean()) < 0.5 * min(g.spacing) * 2
+    assert res.inverse is not None
+    with pytest.raises(InputError, match="discrete"):
+        config_from_dict({"stages": [{"type": "svf", "discrete": {"radius_mm": 3}}]})
+    with pytest.raises(InputError):
+        config_from_dict({"stages": [{"type": "discrete", "discrete": {"radius_mmm": 3}}]})

@@ -30,7 +30,8 @@ import yaml
 
 from medreg.core.errors import InputError
 
-STAGE_TYPES = ("translation", "rigid", "similarity", "affine", "bspline", "displacement", "svf")
+STAGE_TYPES = ("translation", "rigid", "similarity", "affine", "bspline", "displacement", "svf",
+               "discrete")
 LINEAR_TYPES = ("translation", "rigid", "similarity", "affine")
 INITIALISATIONS = ("none", "geometry", "com", "moments")
 OPTIMIZERS = ("adam", "lbfgs")
@@ -61,6 +62,10 @@ class StageConfig:
         tolerance: stop a level when the loss improved by less than this (relative) over
             ``patience`` steps.
         patience: steps over which convergence is checked.
+        discrete: ``type: discrete`` only: the fields of
+            :class:`medreg.engine.discrete.DiscreteParams` (search radius and step in mm,
+            feature resolution, coupling weights, instance-optimisation steps, ...); ``levels``,
+            ``iterations``, ``similarity`` and ``lr`` do not apply to this stage.
     """
 
     type: str
@@ -78,6 +83,7 @@ class StageConfig:
     field_smoothing: float = 0.0
     tolerance: float = 1e-5
     patience: int = 20
+    discrete: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.type not in STAGE_TYPES:
@@ -98,6 +104,14 @@ class StageConfig:
             raise InputError(f"stage {self.type}: similarity must be a mapping with a 'name'")
         if self.type in LINEAR_TYPES and self.symmetric:
             raise InputError(f"stage {self.type}: symmetric mode is for svf/displacement stages")
+        if self.type == "discrete":
+            from medreg.engine.discrete import DiscreteParams
+
+            if self.symmetric:
+                raise InputError("stage discrete: use discrete.inverse_consistent, not symmetric")
+            DiscreteParams.from_dict(self.discrete, "stage discrete: discrete")
+        elif self.discrete:
+            raise InputError(f"stage {self.type}: 'discrete' settings apply to type: discrete only")
         if self.control_spacing <= 0 or self.steps < 0:
             raise InputError(f"stage {self.type}: control_spacing must be > 0 and steps >= 0")
 

@@ -229,6 +229,12 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
     inverse: SpatialTransform | None = None
     nstages = len(config.stages)
     for si, stage in enumerate(config.stages):
+        if stage.type == "discrete":
+            res = _run_discrete(si, nstages, stage, fixed, moving, fixed_mask, moving_mask, linear,
+                                deformations, progress, history)
+            deformations.append(res.forward)
+            inverse = res.backward
+            continue
         sim = build_similarity(stage.similarity)
         regs = build_regularisers(stage.regularisation)
         if stage.is_linear:
@@ -240,12 +246,30 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
             deformations.append(deform)
             inverse = inv
     total: SpatialTransform = linear if not deformations else Compose(linear, *deformations)
-    if inverse is not None:
-        inverse = Compose(*[d.inverse() for d in reversed(deformations)], linear.inverse())
+    if inverse is not None:  # the last stage is symmetric / inverse-consistent
+        rest = [d.inverse() for d in reversed(deformations[:-1])]
+        inverse = Compose(inverse, *rest, linear.inverse())
     runtime = time.perf_counter() - t0
     with torch.no_grad():
         warped = warp_image(moving.to(torch.float32), total, fixed.grid, interpolation="linear")
     return RegistrationResult(total, warped, fixed, moving, config, history, runtime, inverse)
+
+
+def _run_discrete(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
+                  fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
+                  earlier: list[SpatialTransform], progress: Progress, history: list):
+    from medreg.engine.discrete import DiscreteParams, run_discrete
+
+    params = DiscreteParams.from_dict(stage.discrete, f"stage {si + 1}: discrete")
+    prefix = linear if not earlier else Compose(linear, *earlier)
+    progress.start(si, nstages, "discrete", 0, 1, params.feature_factor, params.io_iterations)
+    res = run_discrete(fixed, moving, prefix, params, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    progress.update(params.io_iterations, float("nan"))
+    progress.end(float("nan"))
+    history.append({"stage": si + 1, "type": "discrete", "factor": params.feature_factor,
+                    "iterations": params.io_iterations, "loss_first": None, "loss_last": None,
+                    "seconds": res.stats.get("total_s"), "discrete": res.stats})
+    return res
 
 
 def _run_linear(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
