@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medreg.core.errors import GeometryError
@@ -107,16 +106,6 @@ class SpatialTransform(nn.Module):
         return Compose(self, other)
 
 
-def affine_norm_grid(source_norm_from_target_norm: Tensor, target: Grid) -> Tensor | None:
-    """``(1, *target.shape, D)`` source-norm coordinates of a linear map given between norm
-    frames, built by ``F.affine_grid`` (None when an axis has size 1, where its norm differs)."""
-    if any(n == 1 for n in target.size):
-        return None
-    d = target.ndim
-    theta = source_norm_from_target_norm[:d, :].unsqueeze(0)
-    return F.affine_grid(theta, [1, 1, *target.shape], align_corners=True)
-
-
 class Identity(SpatialTransform):
     """``T(x) = x``."""
 
@@ -172,16 +161,17 @@ class Compose(SpatialTransform):
         from medreg.transforms.linear import LinearTransform
 
         if (outer and isinstance(inner, DisplacementField) and inner.grid == target
-                and all(isinstance(t, LinearTransform) for t in outer)
-                and not any(n == 1 for n in target.size)):
+                and all(isinstance(t, LinearTransform) for t in outer)):
+            from medreg.transforms.functional import affine_field_points
+
             dtype = dtype or inner.field.dtype
             dev = inner.field.device
             m = source.matrix("world", "norm", dtype=dtype, device=dev)
             for t in outer:
                 m = m @ t.matrix().to(dtype)
-            ident = affine_norm_grid(m @ target.matrix("norm", "world", dtype=dtype, device=dev), target)
             d = self.ndim
-            return ident + inner.field.to(dtype).movedim(1, -1) @ m[:d, :d].T
+            return affine_field_points(m @ target.matrix("index", "world", dtype=dtype, device=dev),
+                                       m[:d, :d], inner.field.to(dtype), target.shape)
         return super().source_norm_points(target, source, dtype)
 
     def inverse(self) -> "Compose":

@@ -18,7 +18,7 @@ from torch import Tensor
 from medreg.core.errors import GeometryError, InputError
 from medreg.core.grid import Grid
 from medreg.transforms import functional as TF
-from medreg.transforms.base import SpatialTransform, affine_norm_grid
+from medreg.transforms.base import SpatialTransform
 
 
 def _check_field(field: Tensor, grid: Grid, what: str, finite: bool = True) -> Tensor:
@@ -99,11 +99,9 @@ class DisplacementField(SpatialTransform):
             return super().source_norm_points(target, source, dtype)
         dtype = dtype or self.field.dtype
         dev = self.field.device
-        ident = affine_norm_grid(target.matrix("norm", "norm", source, dtype=dtype, device=dev), target)
-        if ident is None:
-            return super().source_norm_points(target, source, dtype)
+        m = target.matrix("index", "norm", source, dtype=dtype, device=dev)
         lin = source.matrix("world", "norm", dtype=dtype, device=dev)[: self.ndim, : self.ndim]
-        return ident + self.field.to(dtype).movedim(1, -1) @ lin.T
+        return TF.affine_field_points(m, lin, self.field.to(dtype), target.shape)
 
     def inverse(self, iterations: int = 50, tolerance: float = 1e-4) -> "DisplacementField":
         """Fixed-point inverse on the same grid; its residual (mm) is in ``inverse_residual``."""

@@ -32,6 +32,46 @@ def inside_mask(norm_points: Tensor, shape: tuple[int, ...]) -> Tensor:
     return inside
 
 
+def affine_field_points(norm_from_index: Tensor, field_to_norm: Tensor, field: Tensor | None,
+                        shape: tuple[int, ...]) -> Tensor:
+    """``M · index + L · u(index)`` for every voxel of a grid of ``shape``: ``(N, *shape, D)``.
+
+    Builds sampling coordinates without materialising an identity grid: the affine part is a
+    sum of broadcast 1D ramps, and each output component costs one pass over ``field``.
+    Differentiable with respect to ``norm_from_index``, ``field_to_norm`` and ``field``.
+
+    Args:
+        norm_from_index: ``(D+1, D+1)`` homogeneous matrix from target index (x, y, z) to the
+            source's norm frame.
+        field_to_norm: ``(D, D)`` linear map of the field's world vectors to source norm units.
+        field: ``(N, D, *shape)`` world displacement on the target grid, or None.
+        shape: target tensor shape ``(z, y, x)``.
+    """
+    d = len(shape)
+    n = 1 if field is None else field.shape[0]
+    dtype = norm_from_index.dtype if field is None else field.dtype
+    device = norm_from_index.device
+    out = torch.empty(n, *shape, d, dtype=dtype, device=device)
+    m = norm_from_index.to(dtype)
+    lin = field_to_norm.to(dtype)
+    for i in range(d):
+        acc = m[i, d].reshape([1] * (d + 1))
+        for j in range(d):  # index axis j (x = last tensor axis)
+            if bool(m[i, j] != 0):
+                ramp = torch.arange(shape[d - 1 - j], dtype=dtype, device=device) * m[i, j]
+                view = [1] * (d + 1)
+                view[d - j] = -1
+                acc = acc + ramp.reshape(view)
+        val = None
+        if field is not None:
+            for j in range(d):
+                if bool(lin[i, j] != 0):
+                    term = field[:, j] * lin[i, j]
+                    val = term if val is None else val + term
+        out[..., i] = acc.expand(n, *shape) if val is None else val + acc
+    return out
+
+
 def _mirror(i: Tensor, n: int) -> Tensor:
     if n == 1:
         return torch.zeros_like(i)

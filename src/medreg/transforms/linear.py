@@ -17,7 +17,7 @@ from torch import Tensor
 from medreg.core.enums import _ArgEnum
 from medreg.core.errors import GeometryError, InputError
 from medreg.core.grid import Grid
-from medreg.transforms.base import SpatialTransform, affine_norm_grid
+from medreg.transforms.base import SpatialTransform
 
 
 def _tensor(value, shape: tuple[int, ...], dtype, default=None) -> Tensor:
@@ -132,12 +132,14 @@ class LinearTransform(SpatialTransform):
         return points @ m[:d, :d].T + m[:d, d]
 
     def source_norm_points(self, target: Grid, source: Grid, dtype: torch.dtype | None = None) -> Tensor:
+        from medreg.transforms.functional import affine_field_points
+
+        self.check_grid(target)
         dtype = dtype or self.translation.dtype
-        m = (source.matrix("world", "norm", dtype=dtype, device=self.translation.device)
-             @ self.matrix().to(dtype)
-             @ target.matrix("norm", "world", dtype=dtype, device=self.translation.device))
-        out = affine_norm_grid(m, target)
-        return super().source_norm_points(target, source, dtype) if out is None else out
+        dev = self.translation.device
+        m = (source.matrix("world", "norm", dtype=dtype, device=dev) @ self.matrix().to(dtype)
+             @ target.matrix("index", "world", dtype=dtype, device=dev))
+        return affine_field_points(m, m[: self.ndim, : self.ndim], None, target.shape)
 
     def inverse(self) -> "AffineTransform":
         """Exact inverse, as an :class:`AffineTransform` with the same centre."""
