@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench bench-setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,18 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP)
-	$(PIP) install -q -e '.[bench]'
-	$(PY) benchmarks/bench_warp.py
+# Side-by-side baselines. antspyx pins numpy<2.4/scipy<1.16 and monai would accept another torch:
+# install them without their pins so the project's torch, numpy and scipy stay as they are.
+BENCH_DEPS := antspyx==0.6.3 itk-elastix==0.25.4 itk==5.4.7 itk-core==5.4.7 itk-filtering==5.4.7 \
+	itk-io==5.4.7 itk-numerics==5.4.7 itk-registration==5.4.7 itk-segmentation==5.4.7 monai==1.6.1
+bench-setup: $(STAMP)
+	$(PIP) install -q --no-deps $(BENCH_DEPS)
+	$(PIP) install -q pandas statsmodels scikit-learn webcolors requests psutil
+
+bench: bench-setup
+	$(PY) benchmarks/bench_warp.py --threads 2
+	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_register.py --threads 2 --dataset vxm --preset fast
 
 clean:
 	rm -rf $(VENV) demo_out build dist src/*.egg-info
