@@ -14,15 +14,6 @@ D64 = torch.float64
 SHAPE = (2, 1, 9, 10, 11)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine their sync costs milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs():
     g = torch.Generator().manual_seed(0)
     fixed = torch.rand(SHAPE, generator=g, dtype=D64)

@@ -16,15 +16,6 @@ from medreg.losses import functional as L
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine their sync costs milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _field(grid: Grid, fn) -> torch.Tensor:
     """Sample ``fn(world points (..., D)) -> (..., D)`` on ``grid`` as ``(1, D, *shape)``."""
     pts = grid.points(dtype=D64)

@@ -17,15 +17,6 @@ from medreg.losses import functional as L
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine their sync costs milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rand(shape, seed=0, dtype=D64):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=g, dtype=dtype)
