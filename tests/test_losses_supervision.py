@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from medreg.losses import EPE, TRE, Dice
+from medreg.losses.supervision import EPE, TRE, Dice
 from medreg.losses import functional as L
 
 D64 = torch.float64
