@@ -8,7 +8,7 @@ from medreg.transforms.base import Compose, Identity, SpatialTransform, jacobian
 from medreg.transforms.dense import (BSplineTransform, DisplacementField,
                                      StationaryVelocityField, displace_points)
 from medreg.transforms.functional import (compose_displacements, invert_displacement, sample,
-                                          sample_world, scaling_and_squaring)
+                                          scaling_and_squaring)
 from medreg.transforms.linear import (AffineTransform, LinearTransform, RigidTransform, Rotation,
                                       SimilarityTransform, TranslationTransform, collapse_linear,
                                       rotation_matrix)
@@ -19,5 +19,5 @@ __all__ = [
     "LinearTransform", "RigidTransform", "Rotation", "SimilarityTransform", "SpatialTransform",
     "StationaryVelocityField", "TranslationTransform", "collapse_linear", "compose_displacements",
     "displace_points", "invert_displacement", "jacobian_det", "rotation_matrix", "sample",
-    "sample_world", "scaling_and_squaring", "warp_image", "warp_labels", "warp_points",
+    "scaling_and_squaring", "warp_image", "warp_labels", "warp_points",
 ]

@@ -190,11 +190,6 @@ def sample(image: Tensor, norm_points: Tensor, interpolation: Interpolation | st
     return out
 
 
-def sample_world(image: Tensor, grid: Grid, points: Tensor, **kwargs) -> Tensor:
-    """:func:`sample` at world points ``(N, *out, D)`` (LPS mm) of an image on ``grid``."""
-    return sample(image, grid.transform_points(points, "world", "norm"), **kwargs)
-
-
 def _field_sample(field: Tensor, norm_points: Tensor) -> Tensor:
     """Linear sample of a vector field with border extension; returns ``(N, *out, D)``."""
     out = sample(field, norm_points, "linear", "border")

@@ -147,11 +147,6 @@ class LinearTransform(SpatialTransform):
         return AffineTransform.from_matrix(m, center=self.center.detach().double(), trainable=False,
                                            dtype=self.translation.dtype)
 
-    def to_affine(self) -> "AffineTransform":
-        """The same map as a plain :class:`AffineTransform` (detached)."""
-        return AffineTransform(self.ndim, self.linear_matrix().detach(), self.translation.detach(),
-                               self.center, dtype=self.translation.dtype)
-
 
 class TranslationTransform(LinearTransform):
     """``T(x) = x + t``."""
