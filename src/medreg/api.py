@@ -122,8 +122,11 @@ def register(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike
                               fixed_mask=to(fm), moving_mask=to(mm),
                               progress=progress or Progress(quiet=quiet))
     result.fixed, result.moving = fixed_i, moving_i
-    result.metrics = compute_metrics(result, fixed_labels=fl, moving_labels=ml, fixed_mask=fm)
     result.fixed_labels, result.moving_labels = fl, ml
+    if ml is not None:
+        with torch.no_grad():
+            result.warped_labels = warp_labels(ml, result.transform.to("cpu"), fixed_i.grid)
+    result.metrics = compute_metrics(result)
     return result
 
 
@@ -136,9 +139,9 @@ def _similarity_value(cfg: RegistrationConfig, fixed: Image, warped: Image) -> d
         return {"name": spec["name"], "value": float(sim(fixed.batch(torch.float32), warped.batch(torch.float32)))}
 
 
-def compute_metrics(result: RegistrationResult, *, fixed_labels: Image | None = None,
-                    moving_labels: Image | None = None, fixed_mask: Image | None = None) -> dict[str, Any]:
-    """Similarity before/after, Jacobian statistics on the fixed grid, Dice/HD95 with labels."""
+def compute_metrics(result: RegistrationResult) -> dict[str, Any]:
+    """Similarity before/after, Jacobian statistics on the fixed grid, and with both label maps
+    Dice before/after and per-label Dice/HD95 after (``result.warped_labels``)."""
     from medreg.metrics import displacement_metrics, label_metrics
     from medreg.transforms import Identity
 
@@ -153,13 +156,13 @@ def compute_metrics(result: RegistrationResult, *, fixed_labels: Image | None = 
         "runtime_s": round(result.runtime_s, 3),
         "history": result.history,
     }
-    if fixed_labels is not None and moving_labels is not None:
+    fixed_labels, moving_labels = result.fixed_labels, result.moving_labels
+    if fixed_labels is not None and moving_labels is not None and result.warped_labels is not None:
         with torch.no_grad():
             w_before = warp_labels(moving_labels, Identity(fixed.ndim), fixed.grid)
-            w_after = warp_labels(moving_labels, result.transform, fixed.grid)
         labels = sorted(set(torch.unique(fixed_labels.data).tolist()) - {0})
         b = label_metrics(fixed_labels, w_before, labels, surface=False).to_dict()
-        a = label_metrics(fixed_labels, w_after, labels).to_dict()
+        a = label_metrics(fixed_labels, result.warped_labels, labels).to_dict()
         m["dice_before"] = b.get("mean_dice")
         m["dice_after"] = a.get("mean_dice")
         m["labels"] = a
@@ -192,11 +195,8 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     fixed = result.fixed
     write_image(result.warped.to("cpu"), paths["warped.nii.gz"])
     transform = result.transform.to("cpu")
-    warped_labels = None
-    moving_labels = getattr(result, "moving_labels", None)
-    if moving_labels is not None:
-        with torch.no_grad():
-            warped_labels = warp_labels(moving_labels, transform, fixed.grid)
+    warped_labels = result.warped_labels
+    if warped_labels is not None:
         write_image(warped_labels, paths["warped_labels.nii.gz"])
     else:
         del paths["warped_labels.nii.gz"]
@@ -213,7 +213,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
         with torch.no_grad():
             disp = transform.displacement(fixed.grid).detach()
         save_qc(paths["qc.png"], fixed, result.warped.to("cpu"), result.moving,
-                fixed_labels=getattr(result, "fixed_labels", None), moving_labels=moving_labels,
+                fixed_labels=result.fixed_labels, moving_labels=result.moving_labels,
                 warped_labels=warped_labels, displacement=disp, metrics=result.metrics)
     else:
         del paths["qc.png"]

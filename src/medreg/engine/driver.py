@@ -48,6 +48,7 @@ class RegistrationResult:
         inverse: moving → fixed map when the last stage is symmetric (exact SVF inverse).
         metrics: filled by callers (similarity before/after, Jacobian statistics, Dice, ...).
         fixed_labels, moving_labels: label maps given for evaluation (not used to optimise).
+        warped_labels: ``moving_labels`` resampled on the fixed grid (nearest neighbour).
     """
 
     transform: SpatialTransform
@@ -61,6 +62,7 @@ class RegistrationResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     fixed_labels: Image | None = None
     moving_labels: Image | None = None
+    warped_labels: Image | None = None
 
 
 # ------------------------------------------------------------------ loss terms
