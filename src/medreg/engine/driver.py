@@ -380,6 +380,8 @@ def _run_deformable(si: int, nstages: int, stage: StageConfig, fixed: Image, mov
         full = fixed.grid
         p = resample_field(param.detach(), param_grid, full)
         if stage.type == "svf":
+            # integrate once: every later use (warps, metrics, export) reads the dense field
             svf = StationaryVelocityField(p, full, stage.steps)
-            return svf, (svf.inverse() if stage.symmetric else None)
+            inv = svf.inverse().as_displacement() if stage.symmetric else None
+            return svf.as_displacement(), inv
         return DisplacementField(p, full), None
