@@ -179,6 +179,18 @@ def versions() -> dict[str, str]:
             "SimpleITK": SimpleITK.Version_VersionString(), "python": platform.python_version()}
 
 
+def check_outdir(outdir: str | os.PathLike, overwrite: bool) -> Path:
+    """The output folder, checked before a registration runs: not a file, and without earlier
+    registration outputs unless ``overwrite``."""
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.exists() and any((out / f).exists() for f in OUTPUT_FILES) and not overwrite:
+        raise InputError(f"{out}: the output folder already holds registration outputs; "
+                         "pass --overwrite to replace them")
+    return out
+
+
 def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwrite: bool = False,
                 qc: bool = True) -> dict[str, Path]:
     """Write the standard output folder (see ``docs/architecture.md``): ``warped.nii.gz``,
@@ -186,10 +198,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     ``metrics.json``, ``qc.png``. Existing files are an error unless ``overwrite``."""
     from medreg.io import write_displacement, write_image, write_transform
 
-    out = Path(outdir)
-    if out.exists() and any((out / f).exists() for f in OUTPUT_FILES) and not overwrite:
-        raise InputError(f"{out}: the output folder already holds registration outputs; "
-                         "pass --overwrite to replace them")
+    out = check_outdir(outdir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in OUTPUT_FILES}
     fixed = result.fixed

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 import torch
 
 from medreg.cli import main
 from medreg.core.errors import GeometryError, InputError
+from medreg.io.paths import check_output_path
 from medreg.transforms import Compose, SpatialTransform, warp_image, warp_labels, warp_points
 
 HELP = """Apply TRANSFORM(s) to INPUT (resampled on REFERENCE's grid) or to --points.
@@ -42,13 +42,6 @@ def load_transforms(paths: list[str]) -> SpatialTransform:
     return transforms[0] if len(transforms) == 1 else Compose(*transforms)
 
 
-def _check_new(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: output exists; pass --overwrite to replace it")
-    if not path.parent.exists():
-        raise InputError(f"{path}: output folder {path.parent} does not exist")
-
-
 @main.command("apply", help=HELP)
 @click.argument("args", nargs=-1, required=True, metavar="TRANSFORM... [INPUT]")
 @click.option("-r", "--reference", type=click.Path(), help="Image whose grid the output takes (fixed image).")
@@ -62,8 +55,7 @@ def _check_new(path: Path, overwrite: bool) -> None:
 def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill, overwrite):
     from medreg.io import read_image, read_landmarks, write_image, write_landmarks
 
-    out = Path(output)
-    _check_new(out, overwrite)
+    out = check_output_path(output, overwrite, how="pass --overwrite")
     if points_path is not None:
         transform = load_transforms(list(args))
         pts = read_landmarks(points_path).to(torch.float64)

@@ -17,6 +17,7 @@ from medreg.cli import main
 from medreg.core.errors import InputError
 from medreg.core.grid import Grid
 from medreg.core.image import Image
+from medreg.io.paths import check_output_path
 
 HELP = """Evaluate a registration: label overlap, landmark error, deformation regularity.
 
@@ -48,12 +49,7 @@ prints mean ± std and the worst 30 % (Learn2Reg's robustness score); --csv writ
 def _check_output(path: str | None, overwrite: bool) -> Path | None:
     if path is None:
         return None
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise InputError(f"{p}: output exists; pass --overwrite to replace it")
-    if not p.parent.exists():
-        raise InputError(f"{p}: output folder {p.parent} does not exist")
-    return p
+    return check_output_path(path, overwrite, how="pass --overwrite")
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from medreg.cli import main
-from medreg.core.errors import InputError
 
 
 @main.command("register")
@@ -33,14 +31,10 @@ def register_cmd(fixed, moving, outdir, preset, config_path, fixed_mask, moving_
     (LPS mm, ITK convention), metrics.json and qc.png.
 
     FIXED and MOVING may differ in size, spacing and orientation."""
-    from medreg.api import OUTPUT_FILES, register, save_result
+    from medreg.api import check_outdir, register, save_result
     from medreg.engine import Progress
 
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.exists() and any((out / f).exists() for f in OUTPUT_FILES) and not overwrite:
-        raise InputError(f"{out}: the output folder already holds registration outputs; pass --overwrite to replace them")
+    out = check_outdir(outdir, overwrite)  # before the registration, not after it
     progress = Progress(quiet=quiet, stream=sys.stderr)
     result = register(fixed, moving, preset, config=config_path, fixed_mask=fixed_mask,
                       moving_mask=moving_mask, fixed_labels=fixed_labels, moving_labels=moving_labels,

@@ -54,6 +54,7 @@ from medreg.core.errors import GeometryError, InputError
 from medreg.core.enums import Frame
 from medreg.core.grid import Grid
 from medreg.core.image import Image
+from medreg.io.paths import check_output_path, file_suffix
 
 __all__ = [
     "read_image",
@@ -172,14 +173,6 @@ def set_sitk_geometry(img: sitk.Image, grid: Grid) -> sitk.Image:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _suffix(path: Path) -> str:
-    """Lower-case file ending, with ``.nii.gz`` as one ending."""
-    name = path.name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return path.suffix.lower()
-
-
 def _reason(exc: BaseException) -> str:
     """Last meaningful line of a library error (SimpleITK's messages span several lines)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -296,7 +289,7 @@ def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid]:
         raise
     except Exception as exc:  # nibabel raises many types for damaged or foreign files
         raise InputError(f"{name}: cannot read the image ({_reason(exc)}); is it a valid "
-                         f"{_suffix(path)} file? Supported: {_SUPPORTED}") from None
+                         f"{file_suffix(path)} file? Supported: {_SUPPORTED}") from None
     what = "vector components"
     if arr.dtype.names:  # RGB(A) NIfTI: structured voxels → ITK's vector layout (X, Y, Z, 1, C)
         if len(shape) > 3:
@@ -419,7 +412,7 @@ def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None, lab
     path = Path(path)
     _check_readable(path)
     name = str(path)
-    if path.is_file() and _suffix(path) in NIBABEL_SUFFIXES:
+    if path.is_file() and file_suffix(path) in NIBABEL_SUFFIXES:
         arr, grid = _read_nibabel(path, allow_channels)
     else:
         arr, grid = _read_sitk(path, allow_channels, series_id)
@@ -499,16 +492,9 @@ def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True
         InputError: missing folder, existing file with ``overwrite=False``, a format that cannot
             store the image, or a failed write.
     """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{path}: the folder {parent} does not exist; create it first")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a file name such as out.nii.gz")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: exists already; remove it or allow overwriting")
+    path = check_output_path(path, overwrite)
     arr = _numpy_for_writing(image, path)
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     try:
         if suffix in NIBABEL_SUFFIXES:
             _write_nibabel(arr, image.grid, path, suffix)

@@ -39,6 +39,7 @@ from torch import Tensor
 from medreg.core.enums import Frame
 from medreg.core.errors import InputError
 from medreg.core.grid import Grid
+from medreg.io.paths import check_output_path
 
 __all__ = ["read_landmarks", "write_landmarks"]
 
@@ -300,11 +301,7 @@ def write_landmarks(points: Tensor | np.ndarray | Sequence[Sequence[float]],
     kind = _kind(path)
     if kind in ("fcsv", "json") and pts.shape[1] != 3:
         raise InputError(f"{path}: Slicer markups hold 3D points; use .csv or .txt for 2D")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{path}: the folder {parent} does not exist; create it first")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: exists already; remove it or allow overwriting")
+    check_output_path(path, overwrite)
     try:
         path.write_text(_WRITERS[kind](pts), encoding="utf-8")
     except OSError as exc:

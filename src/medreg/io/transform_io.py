@@ -29,6 +29,7 @@ import torch
 from medreg.core.errors import GeometryError, InputError
 from medreg.core.grid import Grid
 from medreg.io.images import grid_from_sitk, nifti_affine_from_grid, set_sitk_geometry
+from medreg.io.paths import check_output_path, file_suffix
 from medreg.transforms import (AffineTransform, BSplineTransform, Compose, DisplacementField,
                                LinearTransform, SpatialTransform, StationaryVelocityField,
                                collapse_linear)
@@ -49,18 +50,6 @@ __all__ = [
 LINEAR_SUFFIXES = (".tfm", ".txt", ".mat")
 H5_SUFFIXES = (".h5", ".hdf5")
 FIELD_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: file exists; pass overwrite=True (--overwrite) to replace it")
-    if not path.parent.exists():
-        raise InputError(f"{path}: folder {path.parent} does not exist")
 
 
 # ------------------------------------------------------------------ medreg -> SimpleITK
@@ -177,7 +166,7 @@ def _field_from_sitk_image(img: sitk.Image, dtype: torch.dtype, name: str) -> Di
 def _collapse_for_linear_file(transform: SpatialTransform, path: Path) -> LinearTransform:
     parts = transform.transforms if isinstance(transform, Compose) else [transform]
     if not all(isinstance(t, LinearTransform) for t in parts):
-        raise InputError(f"{path}: {_suffix(path)} files hold linear transforms only; this transform "
+        raise InputError(f"{path}: {file_suffix(path)} files hold linear transforms only; this transform "
                          "is not linear: write it as .h5 or as a displacement field .nii.gz")
     return parts[0] if len(parts) == 1 else collapse_linear(parts)
 
@@ -191,8 +180,8 @@ def write_transform(transform: SpatialTransform, path: str | os.PathLike, *,
         overwrite: replace an existing file (otherwise :class:`InputError`).
     """
     p = Path(path)
-    suffix = _suffix(p)
-    _check_output(p, overwrite)
+    suffix = file_suffix(p)
+    check_output_path(p, overwrite)
     if suffix in LINEAR_SUFFIXES:
         tx = to_sitk(_collapse_for_linear_file(transform, p))
     elif suffix in H5_SUFFIXES:
@@ -212,7 +201,7 @@ def read_transform(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: transform file not found")
-    suffix = _suffix(p)
+    suffix = file_suffix(p)
     if suffix in FIELD_SUFFIXES:
         return read_displacement(p, dtype)
     try:
@@ -247,7 +236,7 @@ def write_displacement(transform: SpatialTransform, path: str | os.PathLike, *,
         grid: where to sample; default the transform's own grid (fields, SVFs).
     """
     p = Path(path)
-    _check_output(p, overwrite)
+    check_output_path(p, overwrite)
     if grid is None:
         grid = getattr(transform, "grid", None)
         if grid is None:
@@ -298,7 +287,7 @@ def read_l2r_displacement(path: str | os.PathLike, fixed: Grid, moving: Grid | N
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: Learn2Reg displacement not found")
-    suffix = _suffix(p)
+    suffix = file_suffix(p)
     if suffix in (".nii", ".nii.gz"):
         import nibabel as nib
 
@@ -323,9 +312,9 @@ def write_l2r_displacement(transform: SpatialTransform, path: str | os.PathLike,
                            moving: Grid | None = None, *, overwrite: bool = True) -> None:
     """Write a Learn2Reg displacement (``.nii.gz`` with the fixed grid's affine, or ``.npz``)."""
     p = Path(path)
-    _check_output(p, overwrite)
+    check_output_path(p, overwrite)
     arr = l2r_from_transform(transform, fixed, moving).astype(np.float32)
-    suffix = _suffix(p)
+    suffix = file_suffix(p)
     if suffix in (".nii", ".nii.gz"):
         import nibabel as nib
 

@@ -1,0 +1,33 @@
+"""File-name helpers shared by every reader and writer (and the CLI's output checks)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medreg.core.errors import InputError
+
+
+def file_suffix(path: str | os.PathLike) -> str:
+    """Lower-case file ending, with ``.nii.gz`` as one ending."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(path).suffix.lower()
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool, *,
+                      how: str = "pass overwrite=True") -> Path:
+    """The output file ``path``, checked before anything is computed or written.
+
+    Raises:
+        InputError: its folder is missing, it is a folder, or it exists and ``overwrite`` is
+            false (``how`` says how to allow it, e.g. ``"pass --overwrite"``).
+    """
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{p}: the folder {parent} does not exist; create it first")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder; give a file name")
+    if p.exists() and not overwrite:
+        raise InputError(f"{p}: exists already; {how} to replace it")
+    return p
