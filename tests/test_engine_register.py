@@ -11,7 +11,7 @@ from medreg.core import Grid, Image, InputError
 from medreg.core.functional import gaussian_smooth
 from medreg.engine import config_from_dict, initial_transform, load_preset, merge_overrides
 from medreg.io import read_image
-from medreg.transforms import (AffineTransform, Compose, RigidTransform, StationaryVelocityField,
+from medreg.transforms import (AffineTransform, RigidTransform, StationaryVelocityField,
                                compose_displacements, warp_image, warp_labels)
 
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "medreg" / "data"
@@ -93,7 +93,6 @@ def test_initialisation_aligns_centres(slice2d):
 
 def test_small_3d_real_pair_dice_rises(shared_data):
     d = shared_data / "vxm-brain-t1-aseg" / "nifti"
-    from medreg.core.enums import Frame  # noqa: F401
     from medreg.engine.pyramid import pyramid_level
 
     def down(path, label=False):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medreg.core import Grid, Image, InputError
+from medreg.core import Grid, Image
 from medreg.transforms import (AffineTransform, DisplacementField, Identity, TranslationTransform,
                                warp_image, warp_labels, warp_points)
 

@@ -297,7 +297,6 @@ def search_plan(coarse: Grid, radius_mm: float, step_mm: float | None = None) ->
     Per axis, the step is the coarse spacing divided (``stride``) or multiplied (``multiple``)
     by the nearest whole number, so every candidate is a whole shift on the search grid.
     """
-    d = coarse.ndim
     stride, multiple, radius = [], [], []
     for sp in coarse.spacing:
         step = sp if step_mm is None else float(step_mm)
