@@ -19,7 +19,7 @@ from medreg.core.errors import InputError
 from medreg.core.image import Image
 from medreg.engine import (Progress, RegistrationConfig, RegistrationResult, config_from_dict,
                            load_config, load_preset, merge_overrides, run_registration)
-from medreg.transforms import warp_image, warp_labels
+from medreg.transforms import DisplacementField, warp_image, warp_labels
 
 OUTPUT_FILES = ("warped.nii.gz", "warped_labels.nii.gz", "transform.h5", "displacement.nii.gz",
                 "metrics.json", "qc.png")
@@ -210,7 +210,9 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     else:
         del paths["warped_labels.nii.gz"]
     write_transform(transform, paths["transform.h5"], grid=fixed.grid)
-    write_displacement(transform, paths["displacement.nii.gz"], grid=fixed.grid)
+    with torch.no_grad():  # the dense field once, for the field file and the QC figure
+        disp = transform.displacement(fixed.grid).detach()
+    write_displacement(DisplacementField(disp, fixed.grid), paths["displacement.nii.gz"])
     meta = {**result.metrics, "preset_config": result.config.to_dict(), "versions": versions(),
             "fixed": fixed.name, "moving": result.moving.name}
     from medreg.metrics import to_jsonable
@@ -219,8 +221,6 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     if qc:
         from medreg.viz.qc import save_qc
 
-        with torch.no_grad():
-            disp = transform.displacement(fixed.grid).detach()
         save_qc(paths["qc.png"], fixed, result.warped.to("cpu"), result.moving,
                 fixed_labels=result.fixed_labels, moving_labels=result.moving_labels,
                 warped_labels=warped_labels, displacement=disp, metrics=result.metrics)
