@@ -177,3 +177,23 @@ def test_device_and_dtype_follow_parameters():
     t = TranslationTransform(2, translation=[1.0, 2.0], dtype=torch.float64)
     assert t.displacement(g).dtype == torch.float64
     assert Identity(2).displacement(g).dtype == torch.float32
+
+
+def test_displacement_field_on_another_grid():
+    """A field sampled on one grid and warped onto another (no recursion; values interpolated)."""
+    import torch
+
+    from medreg.core import Grid
+    from medreg.transforms import DisplacementField, warp_image
+
+    src = Grid((8, 8))
+    u = torch.zeros(1, 2, 8, 8)
+    u[:, 0] = 1.5  # +1.5 mm along x everywhere
+    t = DisplacementField(u, src)
+    target = Grid((5, 6), (1.5, 1.2))
+    disp = t.displacement(target)
+    assert disp.shape == (1, 2, 6, 5)
+    assert torch.allclose(disp[:, 0], torch.full_like(disp[:, 0], 1.5))
+    img = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8)
+    out = warp_image(img, t, target, src)
+    assert out.shape == (1, 1, 6, 5)

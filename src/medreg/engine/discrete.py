@@ -875,6 +875,65 @@ def _mask_on(mask: Image | None, transform: SpatialTransform, target: Grid) -> T
         return warp_image(data, transform, target, mask.grid, padding="zeros", precise=False)
 
 
+def _refine(fdata: Tensor, fgrid: Grid, mdata: Tensor, mgrid: Grid, prefix: SpatialTransform,
+            u: Tensor, v: Tensor | None, src: Grid, p: DiscreteParams,
+            fixed_mask: Image | None, moving_mask: Image | None, stats: dict[str, Any]
+            ) -> tuple[Tensor, Tensor | None, Grid]:
+    """Instance optimisation of ``u`` (and the backward ``v``), world mm on ``src``, on MIND
+    features at ``fgrid.downsample(p.io_factor)``; returns the refined fields and their grid."""
+    t0 = time.perf_counter()
+    ident = Identity(fgrid.ndim)
+    io = fgrid.downsample(p.io_factor)
+    reach = max(p.radius_mm, float(u.detach().abs().max()) if u.numel() else 0.0)
+    margin = [int(math.ceil(reach / s)) + 2 for s in io.spacing]
+    io_pad = io.pad(margin)  # the moving side: where x + u may land
+    crop_t = tuple([slice(None), slice(None)] + [slice(mg, mg + n) for mg, n in
+                                                 zip(reversed(margin), io.shape)])
+    # the fixed side is needed on the padded grid only to be the target of the backward
+    f_io = feature_maps(fdata, fgrid, p, io_pad if v is not None else io, ident)
+    f_io_c = f_io[crop_t] if v is not None else f_io
+    m_io = feature_maps(mdata, mgrid, p, io_pad, prefix)
+    fw_io = _mask_on(fixed_mask, ident, io_pad)
+    mw_io = _mask_on(moving_mask, prefix, io_pad)
+    stats["io_features_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    u = instance_optimise(f_io_c, m_io, _resample(u, src, io), io, io_pad, p,
+                          None if fw_io is None else fw_io[crop_t], mw_io)
+    if v is not None:
+        v = instance_optimise(m_io[crop_t], f_io, _resample(v, src, io), io, io_pad, p,
+                              None if mw_io is None else mw_io[crop_t], fw_io)
+        u, v = symmetrise(u, v, io, p.symmetrise_iterations)
+    stats["io_s"] = round(time.perf_counter() - t0, 3)
+    return u, v, io
+
+
+def refine_displacement(fixed: Image, moving: Image, displacement: Tensor, grid: Grid,
+                        prefix: SpatialTransform | None = None,
+                        params: DiscreteParams | Mapping | None = None, *,
+                        fixed_mask: Image | None = None, moving_mask: Image | None = None
+                        ) -> DisplacementField:
+    """Instance optimisation of a given deformable part: ``T = prefix ∘ (id + u)``.
+
+    Refines ``displacement`` (``(1, D, *grid.shape)``, world mm, on a grid in fixed space, e.g.
+    a network's prediction) by ``params.io_iterations`` Adam steps on MIND-feature SSD +
+    diffusion (see :func:`instance_optimise`) and returns it on ``fixed.grid``.
+    """
+    p = DiscreteParams.from_dict(params) if not isinstance(params, DiscreteParams) else params
+    d = fixed.ndim
+    prefix = Identity(d) if prefix is None else prefix
+    dev = fixed.data.device
+    u = displacement.to(dev, torch.float32)
+    stats: dict[str, Any] = {}
+    if p.io_iterations > 0:
+        u, _, grid = _refine(fixed.batch(torch.float32), fixed.grid,
+                             moving.batch(torch.float32).to(dev), moving.grid, prefix, u, None,
+                             grid, p, fixed_mask, moving_mask, stats)
+    with torch.no_grad():
+        full = _resample(u, grid, fixed.grid)
+    log.info("instance optimisation: %s", stats)
+    return DisplacementField(full.detach(), fixed.grid)
+
+
 def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = None,
                  params: DiscreteParams | Mapping | None = None, *,
                  fixed_mask: Image | None = None, moving_mask: Image | None = None
@@ -948,28 +1007,8 @@ def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = 
 
     # ---- instance optimisation at a finer resolution
     if p.io_iterations > 0:
-        t0 = time.perf_counter()
-        io = fixed.grid.downsample(p.io_factor)
-        margin = [int(math.ceil(p.radius_mm / s)) + 2 for s in io.spacing]
-        io_pad = io.pad(margin)  # the moving side: where x + u may land
-        crop_t = tuple([slice(None), slice(None)] + [slice(mg, mg + n) for mg, n in
-                                                     zip(reversed(margin), io.shape)])
-        # the fixed side is needed on the padded grid only to be the target of the backward
-        f_io = feature_maps(fdata, fixed.grid, p, io_pad if v is not None else io, ident)
-        f_io_c = f_io[crop_t] if v is not None else f_io
-        m_io = feature_maps(mdata, moving.grid, p, io_pad, prefix)
-        fw_io = _mask_on(fixed_mask, ident, io_pad)
-        mw_io = _mask_on(moving_mask, prefix, io_pad)
-        stats["io_features_s"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        u = instance_optimise(f_io_c, m_io, _resample(u, coarse, io), io, io_pad, p,
-                              None if fw_io is None else fw_io[crop_t], mw_io)
-        if v is not None:
-            v = instance_optimise(m_io[crop_t], f_io, _resample(v, coarse, io), io, io_pad, p,
-                                  None if mw_io is None else mw_io[crop_t], fw_io)
-            u, v = symmetrise(u, v, io, p.symmetrise_iterations)
-        stats["io_s"] = round(time.perf_counter() - t0, 3)
-        src = io
+        u, v, src = _refine(fdata, fixed.grid, mdata, moving.grid, prefix, u, v, coarse, p,
+                            fixed_mask, moving_mask, stats)
     else:
         src = coarse
     with torch.no_grad():

@@ -92,7 +92,10 @@ class DisplacementField(SpatialTransform):
         self.check_grid(grid)
         dtype = dtype or self.field.dtype
         pts = grid.points(dtype=dtype, device=self.field.device)
-        return pts + self.displacement(grid).movedim(1, -1).to(dtype)
+        if grid != self.grid:  # sample the field at the other grid's voxel centres
+            out = self.forward(pts)
+            return out if out.dim() == grid.ndim + 2 else out.unsqueeze(0)
+        return pts + self.field.movedim(1, -1).to(dtype)
 
     def source_norm_points(self, target: Grid, source: Grid, dtype: torch.dtype | None = None) -> Tensor:
         if target != self.grid:
