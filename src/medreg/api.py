@@ -102,6 +102,20 @@ def register(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike
     if seed is not None:
         overrides["seed"] = int(seed)
     cfg = resolve_config(preset, config, **overrides)
+    fixed_i, moving_i, fm, mm, fl, ml = _load_inputs(fixed, moving, fixed_mask, moving_mask,
+                                                      fixed_labels, moving_labels)
+    dev = _device(device)
+    to = lambda im: None if im is None else im.to(dev)  # noqa: E731
+    result = run_registration(to(fixed_i).to(torch.float32), to(moving_i).to(torch.float32), cfg,
+                              fixed_mask=to(fm), moving_mask=to(mm),
+                              progress=progress or Progress(quiet=quiet))
+    return _finish(result, fixed_i, moving_i, fl, ml)
+
+
+def _load_inputs(fixed, moving, fixed_mask=None, moving_mask=None, fixed_labels=None,
+                 moving_labels=None) -> tuple[Image, Image, Image | None, Image | None,
+                                              Image | None, Image | None]:
+    """Read and check a pair with its optional masks and label maps (one clear error each)."""
     fixed_i, moving_i = _load(fixed, "fixed"), _load(moving, "moving")
     fm, mm = _load(fixed_mask, "fixed mask", True), _load(moving_mask, "moving mask", True)
     fl, ml = _load(fixed_labels, "fixed labels", True), _load(moving_labels, "moving labels", True)
@@ -114,26 +128,70 @@ def register(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike
     _check_companion(mm, moving_i, "moving mask")
     _check_companion(fl, fixed_i, "fixed label map")
     _check_companion(ml, moving_i, "moving label map")
+    return fixed_i, moving_i, fm, mm, fl, ml
+
+
+def _device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but CUDA is not available on this machine")
-    to = lambda im: None if im is None else im.to(dev)  # noqa: E731
-    result = run_registration(to(fixed_i).to(torch.float32), to(moving_i).to(torch.float32), cfg,
-                              fixed_mask=to(fm), moving_mask=to(mm),
-                              progress=progress or Progress(quiet=quiet))
-    result.fixed, result.moving = fixed_i, moving_i
-    result.fixed_labels, result.moving_labels = fl, ml
-    if ml is not None:
+    return dev
+
+
+def _finish(result: RegistrationResult, fixed: Image, moving: Image, fixed_labels: Image | None,
+            moving_labels: Image | None) -> RegistrationResult:
+    """Attach the inputs and warped labels, and compute the metrics."""
+    result.fixed, result.moving = fixed, moving
+    result.fixed_labels, result.moving_labels = fixed_labels, moving_labels
+    if moving_labels is not None:
         with torch.no_grad():
-            result.warped_labels = warp_labels(ml, result.transform.to("cpu"), fixed_i.grid)
+            result.warped_labels = warp_labels(moving_labels, result.transform.to("cpu"), fixed.grid)
     result.metrics = compute_metrics(result)
     return result
 
 
-def _similarity_value(cfg: RegistrationConfig, fixed: Image, warped: Image) -> dict[str, float]:
+def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike, *,
+            fixed_labels: Image | str | None = None, moving_labels: Image | str | None = None,
+            device: str | torch.device | None = None, threads: int | None = None,
+            seed: int | None = None, instance_steps: int = 0, regularisation: float | None = None,
+            initialisation: str | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` with a trained network.
+
+    Args:
+        model: a bundled model's name (``medreg models``) or a checkpoint path.
+        fixed, moving: images or paths (any grids; the model's dimension).
+        fixed_labels, moving_labels: label maps for Dice before/after (not used by the model).
+        device, threads, seed: as for :func:`register`.
+        instance_steps: Adam steps refining the predicted field (instance optimisation).
+        regularisation: regulariser weight for a model trained with a regularisation input.
+        initialisation: initial alignment (``none``, ``geometry``, ``com``, ``moments``,
+            ``affine``); default the model's.
+
+    Returns:
+        :class:`RegistrationResult` as :func:`register` (transform fixed → moving, warped, metrics).
+    """
+    from medreg.train.checkpoint import load_checkpoint
+    from medreg.train.predict import predict as run_predict
+
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    fixed_i, moving_i, _, _, fl, ml = _load_inputs(fixed, moving, None, None, fixed_labels, moving_labels)
+    dev = _device(device)
+    loaded = load_checkpoint(model, device=dev)
+    result = run_predict(loaded, fixed_i.to(dev), moving_i.to(dev), model=str(model),
+                         initialisation=initialisation, instance_steps=instance_steps,
+                         regularisation=regularisation)
+    result.transform = result.transform.to("cpu")
+    result.warped = result.warped.to("cpu")
+    return _finish(result, fixed_i, moving_i, fl, ml)
+
+
+def _similarity_value(cfg: Any, fixed: Image, warped: Image) -> dict[str, float]:
     from medreg.engine.driver import build_similarity
 
-    spec = cfg.stages[-1].similarity
+    spec = cfg.similarity if hasattr(cfg, "similarity") else cfg.stages[-1].similarity
     sim = build_similarity(spec).to(fixed.data.device)
     with torch.no_grad():
         return {"name": spec["name"], "value": float(sim(fixed.batch(torch.float32), warped.batch(torch.float32)))}

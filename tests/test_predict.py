@@ -1,0 +1,166 @@
+"""`medreg predict` / `medreg.predict`: outputs on the fixed header, ITK reproduces the warp,
+instance optimisation, model resolution and bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import medreg
+from medreg.cli import main
+from medreg.core import Grid, Image, InputError
+from medreg.io import read_image, write_image
+from medreg.nets.base import NetOutput, RegistrationNet, register_net
+from medreg.train.checkpoint import load_checkpoint, save_checkpoint
+from medreg.train.preprocess import PreprocessConfig, network_grid
+from medreg.transforms import Identity, TranslationTransform, warp_image
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "medreg" / "data"
+
+
+@register_net("constant_shift_test")
+class ConstantShift(RegistrationNet):
+    """Predicts the same voxel displacement everywhere (a learnable vector): a network whose
+    output is known exactly, to check the geometry of the prediction path."""
+
+    def __init__(self, ndim: int, shift: tuple[float, ...] = (0.0, 0.0)) -> None:
+        super().__init__(ndim)
+        self.shift = tuple(float(s) for s in shift)
+        self.vector = nn.Parameter(torch.tensor(self.shift, dtype=torch.float32))
+
+    def forward(self, fixed, moving, reg_weight=None):
+        self.check_regularisation(reg_weight)
+        n, shape = fixed.shape[0], fixed.shape[2:]
+        disp = self.vector.view(1, -1, *([1] * len(shape))).expand(n, -1, *shape)
+        return NetOutput(displacement=disp.to(fixed.dtype))
+
+
+def slice2d() -> Image:
+    """A real 2D slice (bundled Colin27, axial) on an oblique, anisotropic grid of odd size."""
+    vol = read_image(BUNDLED / "colin27_t1_2mm.nii.gz")
+    data = vol.data[:, 40].float()  # (1, y, x)
+    c, s = np.cos(0.3), np.sin(0.3)
+    grid = Grid((data.shape[2], data.shape[1]), (1.7, 2.3), (-20.0, 15.0), np.array([[c, -s], [s, c]]))
+    return Image(data, grid, "slice")
+
+
+@pytest.fixture(scope="module")
+def pair2d(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pred")
+    fixed = slice2d()
+    shift = TranslationTransform(2, [3.4, -2.1])  # fixed → moving, mm
+    mgrid = Grid((117, 145), (2.0, 2.0), (-100.0, 8.0))  # covers the whole slice
+    moving = warp_image(fixed, shift.inverse(), mgrid)
+    write_image(fixed, tmp / "fixed.nii.gz")
+    write_image(moving, tmp / "moving.nii.gz")
+    labels = Image((fixed.data > fixed.data.mean()).long(), fixed.grid, "lab")
+    write_image(labels, tmp / "fixed_lab.nii.gz")
+    write_image(warp_image(labels, shift.inverse(), mgrid, interpolation="nearest"), tmp / "moving_lab.nii.gz")
+    return tmp
+
+
+def checkpoint(path: Path, shift=(0.0, 0.0), **prep) -> Path:
+    net = ConstantShift(2, shift)
+    cfg = PreprocessConfig(size=(48, 40), **prep)
+    return save_checkpoint(path, model=net, preprocess=cfg, train_config={}, step=0)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_prediction_lands_on_the_fixed_grid_and_itk_reproduces_it(pair2d, tmp_path):
+    ckpt = checkpoint(tmp_path / "m.pt", shift=(1.5, -0.5))
+    out = tmp_path / "out"
+    res = run("predict", ckpt, pair2d / "fixed.nii.gz", pair2d / "moving.nii.gz", "-o", out,
+              "--fixed-labels", pair2d / "fixed_lab.nii.gz", "--moving-labels", pair2d / "moving_lab.nii.gz",
+              "--quiet", "--initialisation", "none")
+    assert res.exit_code == 0, (res.output, __import__("traceback").format_exception(*res.exc_info))
+    for f in ("warped.nii.gz", "warped_labels.nii.gz", "transform.h5", "displacement.nii.gz", "metrics.json", "qc.png"):
+        assert (out / f).is_file(), f
+    fixed = sitk.ReadImage(str(pair2d / "fixed.nii.gz"))
+    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    assert warped.GetSize() == fixed.GetSize()
+    assert np.allclose(warped.GetOrigin(), fixed.GetOrigin()) and np.allclose(warped.GetSpacing(), fixed.GetSpacing())
+    assert np.allclose(warped.GetDirection(), fixed.GetDirection())
+    # the displacement is the network's voxel shift in world mm of the network grid, everywhere
+    fimg = read_image(pair2d / "fixed.nii.gz")
+    ngrid = network_grid(fimg.grid, PreprocessConfig(size=(48, 40)))
+    expect = ngrid.direction @ (np.array([1.5, -0.5]) * np.asarray(ngrid.spacing))
+    disp = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64))
+    assert np.allclose(disp.reshape(-1, 2), expect, atol=1e-4)
+    moving = sitk.ReadImage(str(pair2d / "moving.nii.gz"), sitk.sitkFloat32)
+    tx = sitk.ReadTransform(str(out / "transform.h5"))
+    ref = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    ours = sitk.GetArrayFromImage(warped)
+    assert np.abs(ours - ref)[2:-2, 2:-2].max() < 1e-3 * float(ours.max() - ours.min())
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["preset_config"]["model"] == str(ckpt) and "dice_after" in m
+    # the output folder is not overwritten silently
+    res = run("predict", ckpt, pair2d / "fixed.nii.gz", pair2d / "moving.nii.gz", "-o", out, "--quiet")
+    assert res.exit_code != 0 and "--overwrite" in res.output
+
+
+def test_initial_alignment_and_instance_optimisation_recover_a_shift(pair2d, tmp_path):
+    """A zero network: `com` initialisation removes most of the shift; instance optimisation
+    then lowers the residual further (the known map is a 3.4/-2.1 mm translation)."""
+    ckpt = checkpoint(tmp_path / "zero.pt")
+    fixed, moving = read_image(pair2d / "fixed.nii.gz"), read_image(pair2d / "moving.nii.gz")
+    pts = fixed.grid.points(dtype=torch.float64).reshape(-1, 2)
+    inner = fixed.grid.transform_points(pts, "world", "index")
+    keep = ((inner > 8) & (inner < torch.tensor(fixed.grid.size, dtype=torch.float64) - 8)).all(1)
+    truth = pts + torch.tensor([3.4, -2.1], dtype=torch.float64)
+
+    def error(result) -> float:
+        mapped = result.transform.to(torch.float64)(pts)
+        return float((mapped.detach() - truth)[keep].norm(dim=1).mean())
+
+    none = medreg.predict(ckpt, fixed, moving, initialisation="none")
+    com = medreg.predict(ckpt, fixed, moving, initialisation="com")
+    io = medreg.predict(ckpt, fixed, moving, initialisation="none", instance_steps=40)
+    assert error(none) == pytest.approx(float(np.hypot(3.4, 2.1)), abs=1e-3)
+    assert error(com) < 0.5 * error(none)
+    assert error(io) < 0.5 * error(none)
+    assert io.metrics["similarity_after"]["value"] < none.metrics["similarity_after"]["value"]
+
+
+def test_checkpoint_round_trip_and_model_resolution(tmp_path):
+    ckpt = checkpoint(tmp_path / "m.pt", shift=(0.25, 1.0), orientation="RA", initialisation="geometry")
+    loaded = load_checkpoint(ckpt)
+    assert loaded.preprocess.orientation == "RA" and loaded.preprocess.initialisation == "geometry"
+    assert torch.equal(loaded.net.vector, torch.tensor([0.25, 1.0]))
+    with pytest.raises(InputError, match="unknown model"):
+        load_checkpoint("no_such_model")
+    with pytest.raises(InputError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_bad_input_is_one_line(pair2d, tmp_path):
+    ckpt = checkpoint(tmp_path / "m.pt")
+    res = run("predict", ckpt, pair2d / "fixed.nii.gz", pair2d / "moving.nii.gz", "-o", tmp_path / "o",
+              "--regularisation", "0.5")
+    assert res.exit_code == 2 and "regularisation" in res.output and "Traceback" not in res.output
+    vol = tmp_path / "vol.nii.gz"
+    write_image(Image(torch.rand(1, 5, 6, 7), Grid((7, 6, 5)), "vol"), vol)
+    res = run("predict", ckpt, vol, vol, "-o", tmp_path / "o3")
+    assert res.exit_code == 2 and "2D" in res.output and "3D" in res.output
+    res = run("predict", "no_such_model", pair2d / "fixed.nii.gz", pair2d / "moving.nii.gz", "-o", tmp_path / "o4")
+    assert res.exit_code == 2 and "unknown model" in res.output
+
+
+def test_models_command_lists_bundled_models():
+    res = run("models")
+    assert res.exit_code == 0
+    from medreg.train.checkpoint import bundled_models
+
+    for name in bundled_models():
+        assert name in res.output
+        card = json.loads(run("models", name).output)
+        assert card["name"] == name and "training" in card and "results" in card
+    res = run("models", "no_such_model")
+    assert res.exit_code == 2 and "no bundled model" in res.output
