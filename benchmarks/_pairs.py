@@ -11,6 +11,15 @@ compared with the fixed labels. Landmark TRE is ``‖T(fixed_k) − moving_k‖`
 Datasets (see ``/work/shared/data/*/SOURCE.md``):
 
 ``vxm``          ``vxm-brain-t1-aseg/nifti``: the one pair, both directions (2 pairs), 30 labels.
+``vxm-lia``      the same pair with its true orientation in the header: the ``.npz`` files store
+                 no geometry and ``nifti/`` labels the axes R, A, S "nominally"; the volumes are
+                 FreeSurfer-conformed (L, I, A: affine NCC to MNI152 0.94 with that header, 0.84
+                 with RAS). Copies with the LIA direction (same voxels, same spacing and origin)
+                 go to ``<workdir>/inputs/vxm-lia``. Dice is unchanged for methods that ignore
+                 anatomy; it matters for learned models, which see images the right way up.
+``vxm2d``        axial slices of the vxm pair (2D, 1 mm, rows anterior, columns left, as the
+                 ``brain2d`` model's training slices): 5 levels × both directions = 10 pairs, the
+                 30 labels (those present in a slice).
 ``freesurfer``   ``freesurfer-brains``: 4 subjects in native space, 12 ordered pairs
                  (``brainmask.mgz`` → ``aseg.mgz``), the same 30 labels.
 ``hippocampus``  ``msd-hippocampus``: random ordered pairs of different subjects (default 20,
@@ -32,7 +41,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATASETS = ("vxm", "freesurfer", "hippocampus", "colin-mni", "lung", "head2d")
+DATASETS = ("vxm", "vxm-lia", "vxm2d", "freesurfer", "hippocampus", "colin-mni", "lung", "head2d")
 
 #: Default number of pairs when ``--pairs`` is not given (``None``: all).
 DEFAULT_PAIRS = {"hippocampus": 20}
@@ -114,6 +123,62 @@ def _vxm(root: Path, work: Path, n: int | None, seed: int) -> list[Pair]:
     return pairs[:n] if n else pairs
 
 
+def _vxm_lia(root: Path, work: Path, n: int | None, seed: int) -> list[Pair]:
+    import nibabel as nib
+    import numpy as np
+
+    d = root / "vxm-brain-t1-aseg" / "nifti"
+    conv = work / "inputs" / "vxm-lia"
+    conv.mkdir(parents=True, exist_ok=True)
+    # LIA in RAS terms: index x → -R (left), y → -S (inferior), z → +A (anterior)
+    lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1.0]])
+    for name in ("fixed.nii.gz", "fixed_labels.nii.gz", "moving.nii.gz", "moving_labels.nii.gz"):
+        dst = conv / name
+        if not dst.exists():
+            img = nib.load(str(d / name))
+            affine = lia.copy()
+            affine[:3, 3] = img.affine[:3, 3]
+            out = nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header)
+            out.set_qform(affine, code=1)
+            out.set_sform(affine, code=1)
+            nib.save(out, str(dst))
+    pairs = _vxm(root, work, n, seed)
+    for p in pairs:
+        p.dataset = "vxm-lia"
+        for attr in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            setattr(p, attr, str(conv / Path(getattr(p, attr)).name))
+    return pairs
+
+
+VXM2D_LEVELS = (70, 80, 90, 100, 110)  # index along the inferior axis of the conformed volume
+
+
+def _vxm2d(root: Path, work: Path, n: int | None, seed: int) -> list[Pair]:
+    import nibabel as nib
+    import numpy as np
+
+    d = root / "vxm-brain-t1-aseg" / "nifti"
+    conv = work / "inputs" / "vxm2d"
+    conv.mkdir(parents=True, exist_ok=True)
+    labels = _read_label_list(d / "eval_labels.txt")
+    pairs = []
+    for k in VXM2D_LEVELS:
+        files = {}
+        for name in ("fixed", "fixed_labels", "moving", "moving_labels"):
+            dst = conv / f"{name}_y{k}.nii.gz"
+            if not dst.exists():
+                arr = np.asarray(nib.load(str(d / f"{name}.nii.gz")).dataobj)  # (x=L, y=I, z=A)
+                sl = np.ascontiguousarray(arr[:, k, :])  # (x=L, A): NIfTI axis 0 = columns
+                # LPS index x → +L, y → -P (anterior): in RAS terms x → -R, y → +A
+                aff = np.diag([-1.0, 1.0, 1.0, 1.0])
+                nib.save(nib.Nifti1Image(sl, aff), str(dst))
+            files[name] = str(dst)
+        for f, m in (("fixed", "moving"), ("moving", "fixed")):
+            pairs.append(Pair("vxm2d", f"y{k}_{m}_to_{f}", files[f], files[m], files[f"{f}_labels"],
+                              files[f"{m}_labels"], labels))
+    return pairs[:n] if n else pairs
+
+
 def _freesurfer(root: Path, work: Path, n: int | None, seed: int) -> list[Pair]:
     d = root / "freesurfer-brains"
     subs = sorted(p.name for p in d.glob("sub-*") if (p / "mri" / "brainmask.mgz").exists())
@@ -179,7 +244,7 @@ def _head2d(root: Path, work: Path, n: int | None, seed: int) -> list[Pair]:
                  fixed_mask=fmask, moving_mask=mmask)]
 
 
-_BUILDERS = {"vxm": _vxm, "freesurfer": _freesurfer, "hippocampus": _hippocampus,
+_BUILDERS = {"vxm": _vxm, "vxm-lia": _vxm_lia, "vxm2d": _vxm2d, "freesurfer": _freesurfer, "hippocampus": _hippocampus,
              "colin-mni": _colin_mni, "lung": _lung, "head2d": _head2d}
 
 

@@ -50,7 +50,7 @@ if str(HERE) not in sys.path:
 
 from _pairs import DATASET_PRESET, DATASETS, Pair, build_pairs, default_data_root  # noqa: E402
 
-METHODS = ("identity", "ants", "elastix", "medreg")
+METHODS = ("identity", "ants", "elastix", "medreg", "predict")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "MEDREG_NUM_THREADS")
 
@@ -243,7 +243,28 @@ def medreg_available() -> bool:
     return _MEDREG_OK
 
 
+def _tag(method: str, pair: Pair, a: argparse.Namespace) -> str | None:
+    """The row's variant: the preset of ``medreg``, the model (+ instance steps) of ``predict``."""
+    if method == "medreg":
+        return a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset
+    if method == "predict":
+        return f"{Path(a.model).stem}" + (f"+io{a.instance_steps}" if a.instance_steps else "")
+    return None
+
+
 def _command(method: str, pair: Pair, out: Path, a: argparse.Namespace) -> list[str]:
+    if method == "predict":
+        cmd = [sys.executable, "-m", "medreg", "predict", a.model, pair.fixed, pair.moving, "-o",
+               str(out), "--threads", str(a.threads), "--seed", str(a.seed), "--quiet", "--overwrite"]
+        if a.instance_steps:
+            cmd += ["--instance-steps", str(a.instance_steps)]
+        if a.initialisation:
+            cmd += ["--initialisation", a.initialisation]
+        if pair.moving_labels:
+            cmd += ["--moving-labels", pair.moving_labels]
+        if pair.fixed_labels:
+            cmd += ["--fixed-labels", pair.fixed_labels]
+        return cmd
     if method == "medreg":
         preset = a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset
         cmd = [sys.executable, "-m", "medreg", "register", pair.fixed, pair.moving, "-o", str(out),
@@ -355,9 +376,8 @@ def _cleanup(out: Path, keep: bool) -> None:
 
 
 def run_one(method: str, pair: Pair, a: argparse.Namespace) -> dict:
-    out = Path(a.workdir) / "runs" / pair.dataset / pair.name / (
-        f"medreg-{a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset}"
-        if method == "medreg" else method)
+    tag = _tag(method, pair, a)
+    out = Path(a.workdir) / "runs" / pair.dataset / pair.name / (f"{method}-{tag}" if tag else method)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -367,8 +387,8 @@ def run_one(method: str, pair: Pair, a: argparse.Namespace) -> dict:
            "seed": a.seed,
            "command": " ".join(f"{k}={a.threads}" for k in THREAD_VARS) + " " + shlex.join(cmd),
            "outdir": str(out)}
-    if method == "medreg":
-        row["preset"] = cmd[cmd.index("--preset") + 1]
+    if tag:
+        row["preset"] = tag
     row["loadavg_before"] = os.getloadavg()[0]
     res = _run_child(cmd, env, out / "run.log", a.timeout)
     row.update(res)
@@ -387,7 +407,7 @@ def run_one(method: str, pair: Pair, a: argparse.Namespace) -> dict:
         row["reg_s"] = info["reg_s"]
         if "rss_before_reg_mb" in info:
             row["rss_before_reg_mb"] = info["rss_before_reg_mb"]
-    if method == "medreg":
+    if method in ("medreg", "predict"):
         row.update(_medreg_extras(out))
     t0 = time.perf_counter()
     try:
@@ -503,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="fast", help="medreg preset (lung/head2d use lung/"
                     "multimodal unless --preset-for says otherwise)")
     ap.add_argument("--preset-for", action="append", default=[], metavar="DATASET=PRESET")
+    ap.add_argument("--model", default="brain3d", help="method predict: bundled model or checkpoint")
+    ap.add_argument("--instance-steps", type=int, default=0, help="method predict: instance optimisation")
+    ap.add_argument("--initialisation", default=None, help="method predict: initial alignment")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results.json")
     ap.add_argument("--data", default=str(default_data_root()))
@@ -523,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     a.data = str(Path(a.data).resolve())
     methods = a.method or list(METHODS)
     datasets = a.dataset or ["vxm"]
-    if "medreg" in methods and not medreg_available():
-        methods = [m for m in methods if m != "medreg"]
+    if not medreg_available():
+        methods = [m for m in methods if m not in ("medreg", "predict")]
     os.environ.update(_env(a.threads))  # the parent's evaluation uses the same threads
     import torch
 
@@ -549,9 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = build_pairs(ds, Path(a.data), Path(a.workdir), a.pairs, a.seed)
         for pair in pairs:
             for method in methods:
-                preset = None
-                if method == "medreg":
-                    preset = (a.preset_for.get(ds) or DATASET_PRESET.get(ds) or a.preset)
+                preset = _tag(method, pair, a)
                 if (ds, pair.name, method, preset) in done:
                     continue
                 row = run_one(method, pair, a)

@@ -164,3 +164,21 @@ def test_models_command_lists_bundled_models():
         assert card["name"] == name and "training" in card and "results" in card
     res = run("models", "no_such_model")
     assert res.exit_code == 2 and "no bundled model" in res.output
+
+
+def test_regularisation_input_of_a_conditional_model(pair2d, tmp_path):
+    """A conditional (HyperMorph-like) network takes --regularisation: another weight gives
+    another field; an untrained net with a perturbed head is enough to see the input used."""
+    from medreg.nets import create
+
+    torch.manual_seed(0)
+    net = create("unet", ndim=2, features=[8, 16], decoder_features=[16, 8, 8], conditional=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = save_checkpoint(tmp_path / "cond.pt", model=net, preprocess=PreprocessConfig(size=(48, 40)),
+                           train_config={}, step=0)
+    fixed, moving = read_image(pair2d / "fixed.nii.gz"), read_image(pair2d / "moving.nii.gz")
+    a = medreg.predict(ckpt, fixed, moving, regularisation=0.01).transform.displacement(fixed.grid)
+    b = medreg.predict(ckpt, fixed, moving, regularisation=10.0).transform.displacement(fixed.grid)
+    assert (a - b).abs().max() > 1e-3

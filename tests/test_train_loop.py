@@ -78,7 +78,7 @@ def test_training_lowers_loss_and_improves_dice(mode, slice_files, tmp_path):
     data["loss"] = MODES[mode]
     result = train(config_from_dict(data), quiet=True)
     first, last = result.history[0]["loss"], result.history[-1]["loss"]
-    assert last < first - 0.1 * abs(first), (first, last)
+    assert last < first - 0.05 * abs(first), (first, last)
     m = result.metrics  # unseen pairs: the validation generator has another seed
     assert m["val_pairs"] == 8
     assert m["val_dice"] > m["val_dice_initial"] + 0.05, m

@@ -86,3 +86,120 @@ def test_points_go_with_the_transform_direction():
     moving_img = torch.zeros(1, 1, 20, 20)
     moving_img[0, 0, 3, 7] = 1.0  # shifted by s
     assert torch.equal(warp_image(moving_img, t, g, g), fixed_img)
+
+
+# --- the fast default path (issue 2): exact on the dyadic lattice, float32 elsewhere ---------
+
+from medreg.transforms import Compose  # noqa: E402
+from medreg.transforms import functional as TF  # noqa: E402
+
+
+def _with_zero_background(g, channels=2, seed=0):
+    img = torch.rand(1, channels, *g.shape, generator=torch.Generator().manual_seed(seed))
+    img[..., :3] = 0.0  # exact zeros next to non-zeros: a 1e-15 leak would show
+    return img
+
+
+@pytest.mark.parametrize("fixture", ["oblique_grid2d", "oblique_grid3d"])
+def test_default_warp_is_exact_for_identities_and_integer_shifts(fixture, request):
+    g = request.getfixturevalue(fixture)
+    d = g.ndim
+    img = _with_zero_background(g)
+    zero = DisplacementField(torch.zeros(1, d, *g.shape), g)
+    eye32 = AffineTransform(d, torch.eye(d), torch.zeros(d), trainable=False)
+    for t in (Identity(d), zero, eye32, Compose(eye32, zero)):
+        for interp in ("linear", "nearest"):
+            for pad in ("zeros", "border"):
+                assert torch.equal(warp_image(img, t, g, g, interpolation=interp, padding=pad), img)
+    # 2 voxels along index x (and 1 along z in 3D), world mm through the oblique direction
+    vox = torch.tensor([2.0, 0.0, 1.0][:d], dtype=torch.float64)
+    step = torch.tensor(g.direction, dtype=torch.float64) @ (vox * torch.tensor(g.spacing, dtype=torch.float64))
+    shift = TranslationTransform(d, translation=step, trainable=False, dtype=torch.float64)
+    for t in (shift, Compose(shift, zero)):
+        out = warp_image(img, t, g, g)
+        if d == 3:
+            assert torch.equal(out[..., :-1, :, :-2], img[..., 1:, :, 2:])
+            assert torch.equal(out[..., -1, :, :], torch.zeros_like(out[..., -1, :, :]))
+        else:
+            assert torch.equal(out[..., :, :-2], img[..., :, 2:])
+        assert torch.equal(out[..., -2:], torch.zeros_like(out[..., -2:]))
+
+
+@pytest.mark.parametrize("fixture", ["oblique_grid2d", "oblique_grid3d"])
+def test_default_warp_matches_float64_for_a_smooth_field(fixture, request):
+    from medreg.core.functional import gaussian_smooth
+
+    g = request.getfixturevalue(fixture)
+    gen = torch.Generator().manual_seed(1)
+    img = gaussian_smooth(torch.rand(1, 1, *g.shape, generator=gen), 1.5, g.spacing)
+    u = gaussian_smooth(torch.randn(1, g.ndim, *g.shape, generator=gen), 3.0, g.spacing)
+    field = DisplacementField(u * (4.0 / u.abs().max()), g)  # moves points out of the grid
+    for t in (field, Compose(AffineTransform(g.ndim, torch.eye(g.ndim) * 1.05, torch.ones(g.ndim),
+                                             trainable=False), field)):
+        for interp in ("linear", "nearest"):
+            for pad, fill in (("zeros", -5.0), ("border", 0.0)):
+                ours = warp_image(img, t, g, g, interpolation=interp, padding=pad, fill=fill)
+                ref = warp_image(img, t, g, g, interpolation=interp, padding=pad, fill=fill,
+                                 precise=True)
+                if interp == "linear":
+                    assert torch.allclose(ours, ref, atol=2e-6, rtol=0)
+                else:  # a point within rounding of a voxel boundary may pick either voxel
+                    assert (ours != ref).float().mean() < 1e-3
+                if pad == "zeros":
+                    assert torch.equal(ours == fill, ref == fill)  # the same outside points
+
+
+def test_sample_lattice_equals_float64_sampling_including_outside_and_nan():
+    gen = torch.Generator().manual_seed(2)
+    for shape in [(7, 9, 11), (1, 9, 6), (5, 7), (2, 3, 3)]:
+        d = len(shape)
+        grid = Grid(tuple(reversed(shape)))
+        lattice = TF.dyadic_grid(grid)
+        assert all(n in (1, 2) or ((n - 1) & (n - 2)) == 0 for n in lattice.size)
+        img = torch.rand(2, 2, *shape, generator=gen)
+        norm = torch.rand(2, *shape, d, generator=gen, dtype=torch.float64) * 2.4 - 1.2
+        norm[0, ..., 0].view(-1)[:2] = float("nan")
+        pts = lattice.transform_points(grid.transform_points(norm, "norm", "index"), "index", "norm")
+        ref = TF.sample(img.double(), norm, "linear", "zeros", -3.0).float()
+        out = TF.sample_lattice(img, pts.float(), "linear", "zeros", -3.0)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), shape
+        assert (out[0][:, torch.isnan(norm[0]).any(-1)] == -3.0).all()  # NaN points: outside
+
+
+def test_fast_no_grad_sampling_equals_the_autograd_path():
+    gen = torch.Generator().manual_seed(3)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the batch split of grid_sample across threads
+    try:
+        for shape in [(7, 6, 5), (9, 8)]:
+            d = len(shape)
+            img = torch.rand(1, 2, *shape, generator=gen)
+            m = torch.eye(d + 1, dtype=torch.float64)
+            m[:d, :d] += 0.1 * torch.randn(d, d, generator=gen, dtype=torch.float64)
+            m[:d, :d] *= 0.3
+            m[:d, d] = 0.2 * torch.randn(d, generator=gen, dtype=torch.float64)
+            field = 0.3 * torch.randn(1, d, *shape, generator=gen)
+            with torch.no_grad():
+                fast = TF.affine_field_points(m, m[:d, :d], field, shape)
+            slow = TF.affine_field_points(m, m[:d, :d], field.requires_grad_(), shape)
+            assert slow.requires_grad and torch.allclose(fast, slow.detach(), atol=1e-6, rtol=0)
+            for pad in ("zeros", "border", "reflection"):
+                for interp in ("linear", "nearest"):
+                    with torch.no_grad():
+                        a = TF.sample(img, fast, interp, pad, 2.0)
+                    b = TF.sample(img, fast.clone().requires_grad_(), interp, pad, 2.0)
+                    assert torch.equal(a, b.detach()), (shape, pad, interp)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def test_gradients_still_flow_through_warp_image(oblique_grid3d):
+    g = oblique_grid3d
+    img = torch.rand(1, 1, *g.shape, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    field = DisplacementField.zeros(g)
+    with torch.no_grad():
+        field.field.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
+    out = warp_image(img, field, g, g)
+    assert out.requires_grad
+    out.square().sum().backward()
+    assert field.field.grad.abs().sum() > 0 and img.grad.abs().sum() > 0

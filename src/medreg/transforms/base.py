@@ -166,12 +166,16 @@ class Compose(SpatialTransform):
 
             dtype = dtype or inner.field.dtype
             dev = inner.field.device
-            m = source.matrix("world", "norm", dtype=dtype, device=dev)
+            # the matrix product in float64 (rounded once to ``dtype``), so that grids and
+            # transforms that cancel (an integer shift) stay exact in float32 coordinates
+            wide = torch.promote_types(dtype, torch.float64)
+            m = source.matrix("world", "norm", dtype=wide, device=dev)
             for t in outer:
-                m = m @ t.matrix().to(dtype)
+                m = m @ t.matrix().to(wide)
             d = self.ndim
-            return affine_field_points(m @ target.matrix("index", "world", dtype=dtype, device=dev),
-                                       m[:d, :d], inner.field.to(dtype), target.shape)
+            full = m @ target.matrix("index", "world", dtype=wide, device=dev)
+            return affine_field_points(full.to(dtype), m[:d, :d].to(dtype), inner.field.to(dtype),
+                                       target.shape)
         return super().source_norm_points(target, source, dtype)
 
     def inverse(self) -> "Compose":

@@ -30,11 +30,35 @@ def _precise(transform: SpatialTransform) -> SpatialTransform:
 
     Coordinates and interpolation in float64 make an identity or integer-voxel shift reproduce
     the input exactly after casting back to float32 (float32 ``grid_sample`` is off by ~1e-6).
+    Each floating tensor is converted once, straight into the copy (no float32 copy first).
     """
     dtype, _ = transform._ref()
     if dtype == torch.float64:
         return transform
-    return copy.deepcopy(transform).to(torch.float64)
+    memo: dict[int, object] = {}
+    for p in transform.parameters():
+        if p.is_floating_point():
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(torch.float64),
+                                             requires_grad=p.requires_grad)
+    for b in transform.buffers():
+        if b.is_floating_point():
+            memo[id(b)] = b.to(torch.float64)
+    return copy.deepcopy(transform, memo).to(torch.float64)
+
+
+_LATTICE_INTERP = (Interpolation.LINEAR, Interpolation.NEAREST)
+_LATTICE_PAD = (Padding.ZEROS, Padding.BORDER)
+#: transforms with at most this many parameter/buffer elements (linear maps, coarse control
+#: grids) build their sampling coordinates in float64: exact for integer shifts at the price
+#: of the coordinate array only; dense fields use their own dtype (their coordinates are
+#: built from float64 grid matrices, rounded once)
+_SMALL_TRANSFORM = 1 << 16
+
+
+def _lattice_coords_dtype(transform: SpatialTransform) -> torch.dtype:
+    dtype, _ = transform._ref()
+    size = sum(t.numel() for t in list(transform.parameters()) + list(transform.buffers()))
+    return torch.float64 if size <= _SMALL_TRANSFORM else dtype
 
 
 def _source_points(transform: SpatialTransform, target: Grid, source: Grid,
@@ -60,9 +84,14 @@ def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid 
         source: the moving image's grid (required for tensors).
         interpolation: ``linear``, ``nearest`` or ``bspline`` (cubic B-spline, ITK's).
         padding: ``zeros`` (``fill`` outside), ``border`` or ``reflection``.
-        precise: compute coordinates and interpolation in float64 (an identity or integer
-            shift is then exact). Default: when no gradient is needed. ``False`` keeps the
-            input's float dtype (faster, ~1e-6 relative error).
+        precise: ``True``: coordinates and interpolation in float64 (bit-equal to ITK's
+            resampler). ``False``: the input's float dtype (~1e-6 relative error).
+            Default (None): without gradients, a float32 image with linear/nearest
+            interpolation and zeros/border padding is sampled on its dyadic lattice
+            (:func:`~medreg.transforms.functional.sample_lattice`): an identity, a zero field
+            or an integer shift reproduces the input bit for bit, other points carry float32
+            error (~1e-7 of the value range); other inputs without gradients use float64; with
+            gradients, the input's dtype.
 
     Integer images keep their dtype: values are rounded and clamped, as ITK's resampler does.
     For label maps use ``nearest`` or :func:`warp_labels` (linear mixes label values).
@@ -82,15 +111,25 @@ def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid 
             raise InputError("warp_image needs the source grid for a tensor image")
     target = source if target is None else target
     is_int = not (data.is_floating_point() or data.is_complex())
+    padding = Padding.from_arg(padding)
+    lattice = (precise is None and data.dtype in (torch.float32, torch.float16, torch.bfloat16)
+               and interpolation in _LATTICE_INTERP and padding in _LATTICE_PAD
+               and not _needs_grad(data, transform))
     if precise is None:
         precise = not _needs_grad(data, transform)
-    if not precise:
-        work = data.to(torch.float32 if is_int else data.dtype)
+    if lattice:  # exact at integer indices in the image's own float dtype
+        work = data.to(torch.float32) if data.dtype != torch.float32 else data
+        norm = _source_points(transform, target, TF.dyadic_grid(source),
+                              _lattice_coords_dtype(transform))
+        out = TF.sample_lattice(work, norm.to(work.dtype), interpolation, padding, fill)
     else:
-        work = data.to(torch.float64)
-        transform = _precise(transform)
-    norm = _source_points(transform, target, source, work.dtype)
-    out = TF.sample(work, norm.to(work.dtype), interpolation, padding, fill)
+        if not precise:
+            work = data.to(torch.float32 if is_int else data.dtype)
+        else:
+            work = data.to(torch.float64)
+            transform = _precise(transform)
+        norm = _source_points(transform, target, source, work.dtype)
+        out = TF.sample(work, norm.to(work.dtype), interpolation, padding, fill)
     if is_int:  # as ITK's resampler: round and clamp to the input's pixel type
         info = torch.iinfo(data.dtype) if data.dtype != torch.bool else None
         out = out.round()
