@@ -33,20 +33,14 @@ def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, insta
     `medreg register` into OUTDIR. MODEL is a bundled model's name (see `medreg models`) or a
     checkpoint written by `medreg train`. No network access is needed."""
     from medreg.api import check_outdir, predict, save_result
+    from medreg.cli.register import echo_summary
 
     out = check_outdir(outdir, overwrite)
     result = predict(model, fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                      device=device, threads=threads, seed=seed, instance_steps=instance_steps,
                      regularisation=regularisation, initialisation=initialisation)
     paths = save_result(result, out, overwrite=overwrite)
-    m = result.metrics
-    if not quiet:
-        if "dice_after" in m:
-            click.echo(f"Dice (mean over labels): {m['dice_before']:.3f} → {m['dice_after']:.3f}")
-        jac = m["displacement"]
-        click.echo(f"SD log det J {jac['sdlogj']:.3f}, folded voxels {jac['folding_percent']:.4f} %, "
-                   f"{m['runtime_s']:.1f} s")
-    click.echo(f"outputs in {out}/: " + ", ".join(p.name for p in paths.values()))
+    echo_summary(result.metrics, out, paths, quiet)
 
 
 @main.command("models")

@@ -40,7 +40,11 @@ def register_cmd(fixed, moving, outdir, preset, config_path, fixed_mask, moving_
                       moving_mask=moving_mask, fixed_labels=fixed_labels, moving_labels=moving_labels,
                       device=device, threads=threads, seed=seed, progress=progress)
     paths = save_result(result, out, overwrite=overwrite)
-    m = result.metrics
+    echo_summary(result.metrics, out, paths, quiet)
+
+
+def echo_summary(m: dict, out, paths: dict, quiet: bool) -> None:
+    """The lines `register` and `predict` print after writing OUTDIR."""
     if not quiet:
         sim_b, sim_a = m["similarity_before"], m["similarity_after"]
         click.echo(f"{sim_b['name']}: {sim_b['value']:.4f} → {sim_a['value']:.4f} (lower is better)")

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from medreg.core.errors import InputError
 
@@ -172,14 +171,9 @@ def config_from_dict(data: Mapping[str, Any], where: str = "config") -> Registra
 
 def load_config(path: str | Path) -> RegistrationConfig:
     """Read a YAML config file (same format as the presets)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return config_from_dict(data or {}, str(p))
+    from medreg.io.paths import read_yaml
+
+    return config_from_dict(read_yaml(path), str(path))
 
 
 def merge_overrides(cfg: RegistrationConfig, **overrides: Any) -> RegistrationConfig:

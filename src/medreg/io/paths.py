@@ -1,4 +1,5 @@
-"""File-name helpers shared by every reader and writer (and the CLI's output checks)."""
+"""File-name helpers shared by every reader and writer (and the CLI's output checks), and the
+one YAML reader of config files."""
 
 from __future__ import annotations
 
@@ -31,3 +32,20 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, *,
     if p.exists() and not overwrite:
         raise InputError(f"{p}: exists already; {how} to replace it")
     return p
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML config file as a mapping (empty file: ``{}``); a missing file or invalid YAML is
+    an ``InputError`` naming the file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, dict):
+        raise InputError(f"{p}: a config file must hold a mapping (key: value), not {type(data).__name__}")
+    return data or {}

@@ -297,7 +297,7 @@ def _ndv_summary(ndv: np.ndarray, mask: np.ndarray | None, grid: Grid) -> dict[s
 # ----------------------------------------------------------------------------- summary
 def displacement_metrics(disp: Tensor | np.ndarray, grid: Grid,
                          mask: Tensor | np.ndarray | Image | None = None, *,
-                         name: str = "displacement") -> dict[str, Any]:
+                         name: str = "displacement", ndv: bool = True) -> dict[str, Any]:
     """All regularity metrics of one displacement field, JSON-ready.
 
     Args:
@@ -306,6 +306,8 @@ def displacement_metrics(disp: Tensor | np.ndarray, grid: Grid,
         grid: the grid the field is sampled on.
         mask: optional region (non-zero voxels) on ``grid``, e.g. the fixed image's mask.
         name: how to call the field in error messages (its file name).
+        ndv: also the non-diffeomorphic volume (LUMIR's NDV, the costliest part; without it
+            ``ndv_percent`` and ``ndv_mm3`` are ``None``).
 
     Returns:
         ``{"sdlogj", "sdlogj_excluded_voxels", "sdlogj_l2r", "folding_count",
@@ -332,8 +334,8 @@ def displacement_metrics(disp: Tensor | np.ndarray, grid: Grid,
         "sdlogj_l2r": _sdlogj_l2r(det, m),
         "folding_count": folds,
         "folding_percent": 100.0 * folds / n if n else math.nan,
-        **{k: v for k, v in _ndv_summary(_ndv_map(u, grid).numpy(), m, grid).items()
-           if k != "ndv_voxels"},
+        **({k: v for k, v in _ndv_summary(_ndv_map(u, grid).numpy(), m, grid).items()
+            if k != "ndv_voxels"} if ndv else {"ndv_percent": None, "ndv_mm3": None}),
         "det_j_min": float(vals.min()) if n else math.nan,
         "det_j_max": float(vals.max()) if n else math.nan,
         "det_j_mean": float(vals.mean()) if n else math.nan,

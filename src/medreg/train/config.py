@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import yaml
 
 from medreg.core.errors import InputError
 
@@ -635,14 +634,10 @@ def config_from_dict(data: Mapping[str, Any], where: str = "config",
 
 def load_train_config(path: str | os.PathLike) -> TrainConfig:
     """Read a training YAML file; relative paths in it are relative to the file's folder."""
+    from medreg.io.paths import read_yaml
+
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return config_from_dict(data or {}, str(p), base_dir=p.resolve().parent)
+    return config_from_dict(read_yaml(p), str(p), base_dir=p.resolve().parent)
 
 
 def apply_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:

@@ -74,7 +74,7 @@ def _instance_params(steps: int, fixed: Image, overrides: dict[str, Any]) -> Dis
     """Instance-optimisation settings: half resolution for ~1 mm images, full for coarser ones."""
     fine = min(fixed.grid.spacing) < 1.5
     base = {"io_iterations": int(steps), "io_factor": 2 if fine else 1, "io_lr": 0.5,
-            "io_diffusion": 0.05, "io_smooth": 1.0, "mind_radius": 1.0, "mind_dilation": 2.0,
+            "io_diffusion": 0.2, "io_smooth": 2.0, "mind_radius": 1.0, "mind_dilation": 2.0,
             "feature_pool": 1}
     base.update(overrides)
     return DiscreteParams.from_dict(base, where="instance optimisation")
@@ -127,6 +127,9 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         times["instance_s"] = time.perf_counter() - t0
     else:
         deform = DisplacementField(disp, grid)
+        if grid != fixed.grid:  # sampled once on the fixed grid: later warps and metrics are direct
+            with torch.no_grad():
+                deform = DisplacementField(deform.displacement(fixed.grid), fixed.grid)
     transform = deform if isinstance(init, Identity) else Compose(init.to(deform.field.device), deform)
     return transform, {k: round(v, 3) for k, v in times.items()}
 
