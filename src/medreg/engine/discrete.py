@@ -907,33 +907,6 @@ def _refine(fdata: Tensor, fgrid: Grid, mdata: Tensor, mgrid: Grid, prefix: Spat
     return u, v, io
 
 
-def refine_displacement(fixed: Image, moving: Image, displacement: Tensor, grid: Grid,
-                        prefix: SpatialTransform | None = None,
-                        params: DiscreteParams | Mapping | None = None, *,
-                        fixed_mask: Image | None = None, moving_mask: Image | None = None
-                        ) -> DisplacementField:
-    """Instance optimisation of a given deformable part: ``T = prefix ∘ (id + u)``.
-
-    Refines ``displacement`` (``(1, D, *grid.shape)``, world mm, on a grid in fixed space, e.g.
-    a network's prediction) by ``params.io_iterations`` Adam steps on MIND-feature SSD +
-    diffusion (see :func:`instance_optimise`) and returns it on ``fixed.grid``.
-    """
-    p = DiscreteParams.from_dict(params) if not isinstance(params, DiscreteParams) else params
-    d = fixed.ndim
-    prefix = Identity(d) if prefix is None else prefix
-    dev = fixed.data.device
-    u = displacement.to(dev, torch.float32)
-    stats: dict[str, Any] = {}
-    if p.io_iterations > 0:
-        u, _, grid = _refine(fixed.batch(torch.float32), fixed.grid,
-                             moving.batch(torch.float32).to(dev), moving.grid, prefix, u, None,
-                             grid, p, fixed_mask, moving_mask, stats)
-    with torch.no_grad():
-        full = _resample(u, grid, fixed.grid)
-    log.info("instance optimisation: %s", stats)
-    return DisplacementField(full.detach(), fixed.grid)
-
-
 def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = None,
                  params: DiscreteParams | Mapping | None = None, *,
                  fixed_mask: Image | None = None, moving_mask: Image | None = None

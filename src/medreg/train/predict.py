@@ -9,8 +9,8 @@ principal axes; ``affine``: medreg's classical affine preset) and ``u`` the netw
 displacement on its **network grid** (the fixed image's field of view at the model's size and
 spacing, see :mod:`medreg.train.preprocess`), converted to world mm. ``T`` is valid at every
 point of the fixed image's own grid, so outputs land on the fixed image's header exactly.
-Optionally ``u`` is refined by a few Adam steps of instance optimisation on MIND features
-(:func:`medreg.engine.refine_displacement`) at half the fixed image's resolution.
+Optionally ``u`` is refined on the pair by a few Adam steps of instance optimisation on the
+model's own training loss (its similarity and regularisers, on the network grid).
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ import torch
 
 from medreg.core.errors import InputError
 from medreg.core.image import Image
-from medreg.engine import (DiscreteParams, RegistrationResult, initial_transform, load_preset,
-                           refine_displacement, run_registration)
+from medreg.engine import RegistrationResult, initial_transform, load_preset, run_registration
 from medreg.transforms import Compose, DisplacementField, Identity, SpatialTransform, warp_image
 from medreg.train.preprocess import PreprocessConfig, field_to_world, network_grid, prepare_image
 
@@ -40,7 +39,7 @@ class PredictConfig:
         preprocess: the model's preprocessing (network grid size/spacing, normalisation).
         initialisation: the initial alignment ``T₀`` (see the module docstring).
         instance_steps: Adam steps of instance optimisation (0: the network's field as is).
-        instance: settings of the instance optimisation (``DiscreteParams`` io_* fields).
+        instance: overrides of the instance-optimisation settings (``INSTANCE_DEFAULTS``).
         regularisation: the regulariser weight given to a conditional network (None: its default).
         similarity: the similarity reported before/after in ``metrics.json``.
     """
@@ -70,19 +69,62 @@ def initial_alignment(fixed: Image, moving: Image, method: str) -> SpatialTransf
     return initial_transform(fixed, moving, method).to(torch.float32)
 
 
-def _instance_params(steps: int, fixed: Image, overrides: dict[str, Any]) -> DiscreteParams:
-    """Instance-optimisation settings: half resolution for ~1 mm images, full for coarser ones."""
-    fine = min(fixed.grid.spacing) < 1.5
-    base = {"io_iterations": int(steps), "io_factor": 2 if fine else 1, "io_lr": 0.5,
-            "io_diffusion": 0.2, "io_smooth": 2.0, "mind_radius": 1.0, "mind_dilation": 2.0,
-            "feature_pool": 1}
-    base.update(overrides)
-    return DiscreteParams.from_dict(base, where="instance optimisation")
+#: defaults of instance optimisation (``instance`` overrides them).
+INSTANCE_DEFAULTS = {"lr": 0.1, "similarity": None, "regularisation": None}
+
+
+def instance_loss(train_config: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """The loss instance optimisation minimises: the model's own training similarity and
+    regularisers (labels, ground truth and landmarks are not available at inference), or
+    ``overrides['similarity']`` / ``overrides['regularisation']``; LNCC + diffusion when the
+    model was trained without a similarity (e.g. Dice or supervised only)."""
+    from medreg.train.config import LossConfig
+    from medreg.train.losses import TrainingLoss
+
+    loss = dict(train_config.get("loss") or {})
+    sim = overrides.get("similarity") or loss.get("similarity") or {"name": "lncc", "window": 7}
+    reg = overrides.get("regularisation") or loss.get("regularisation") or {"diffusion": 1.0}
+    return TrainingLoss(LossConfig(similarity=dict(sim), regularisation=dict(reg)))
+
+
+def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tensor,
+                      grid: Any, loss: Any, steps: int, lr: float = 0.1,
+                      integrate_steps: int = 0) -> torch.Tensor:
+    """Refine a network's field on one pair by ``steps`` Adam steps on ``loss``.
+
+    Args:
+        fixed, moving: ``(1, C, *grid.shape)`` prepared images on the network grid.
+        init: ``(1, D, *grid.shape)`` voxel units of ``grid``: the network's displacement, or
+            its stationary velocity when ``integrate_steps > 0`` (diffeomorphic models stay
+            diffeomorphic: the velocity is optimised and integrated by scaling and squaring).
+        grid: the network grid (for the regularisers' mm units).
+        loss: a :class:`~medreg.train.losses.TrainingLoss` (see :func:`instance_loss`).
+        lr: Adam step size, voxels.
+
+    Returns:
+        the refined ``(1, D, *grid.shape)`` displacement (voxel units, detached).
+    """
+    from medreg.nets.base import NetOutput
+    from medreg.nets.functional import integrate_velocity
+    from medreg.train.batch import PairBatch
+
+    p = torch.nn.Parameter(init.detach().clone().float())
+    field = (lambda v: integrate_velocity(v, integrate_steps)) if integrate_steps > 0 else (lambda u: u)
+    batch = PairBatch(fixed=fixed.float(), moving=moving.float(), grids=[grid])
+    opt = torch.optim.Adam([p], lr=float(lr))
+    with torch.enable_grad():
+        for _ in range(int(steps)):
+            opt.zero_grad(set_to_none=True)
+            loss(NetOutput(displacement=field(p)), batch).total.backward()
+            opt.step()
+    with torch.no_grad():
+        return field(p).detach()
 
 
 def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Image, *,
                  initialisation: str = "geometry", instance_steps: int = 0,
                  instance: dict[str, Any] | None = None, regularisation: float | None = None,
+                 train_config: dict[str, Any] | None = None,
                  ) -> tuple[SpatialTransform, dict[str, float]]:
     """The fixed → moving transform predicted by ``net`` (see the module docstring).
 
@@ -92,8 +134,11 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         fixed, moving: single-channel images of the network's dimension (any grids).
         initialisation: ``T₀`` (:data:`INITIALISATIONS`).
         instance_steps: Adam steps of instance optimisation (0: none).
-        instance: overrides of the instance-optimisation settings (``DiscreteParams`` names).
-        regularisation: regulariser weight for a conditional network.
+        instance: overrides of :data:`INSTANCE_DEFAULTS` (``lr``, ``similarity``,
+            ``regularisation``).
+        regularisation: regulariser weight for a conditional network (it also scales the
+            regularisers of instance optimisation).
+        train_config: the model's training config (its loss drives instance optimisation).
 
     Returns:
         the transform and timings (s) of its parts.
@@ -114,22 +159,31 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
     dev = param.device if param is not None else fixed.data.device
     f, _ = prepare_image(fixed, grid, preprocess)
     m, _ = prepare_image(moving, grid, preprocess, transform=init)
+    f, m = f[None].to(dev), m[None].to(dev)
     with torch.no_grad():
         kwargs = {} if regularisation is None else {"reg_weight": float(regularisation)}
-        out = net(f[None].to(dev), m[None].to(dev), **kwargs)
-    disp = field_to_world(out.displacement[0].detach().float(), grid).unsqueeze(0)
+        out = net(f, m, **kwargs)
+    u = out.displacement.detach().float()
     times["network_s"] = time.perf_counter() - t0
     if instance_steps > 0:
         t0 = time.perf_counter()
-        params = _instance_params(instance_steps, fixed, instance or {})
-        deform = refine_displacement(fixed.to(dev), moving.to(dev), disp.to(dev), grid,
-                                     init.to(dev), params)
+        opts = {**INSTANCE_DEFAULTS, **(instance or {})}
+        unknown = sorted(set(opts) - set(INSTANCE_DEFAULTS))
+        if unknown:
+            raise InputError(f"instance optimisation has no option(s) {', '.join(unknown)}; "
+                             f"it takes: {', '.join(INSTANCE_DEFAULTS)}")
+        loss = instance_loss(train_config or {}, opts).to(dev)
+        scale = 1.0 if regularisation is None else float(regularisation)
+        steps = int(getattr(net, "integrate_steps", 0) or 0) if out.velocity is not None else 0
+        start = out.velocity.detach().float() if steps else u
+        u = instance_optimise(f, m, start, grid, _scaled(loss, scale), instance_steps, opts["lr"],
+                              integrate_steps=steps)
         times["instance_s"] = time.perf_counter() - t0
-    else:
-        deform = DisplacementField(disp, grid)
-        if grid != fixed.grid:  # sampled once on the fixed grid: later warps and metrics are direct
-            with torch.no_grad():
-                deform = DisplacementField(deform.displacement(fixed.grid), fixed.grid)
+    disp = field_to_world(u[0], grid).unsqueeze(0)
+    deform = DisplacementField(disp, grid)
+    if grid != fixed.grid:  # sampled once on the fixed grid: later warps and metrics are direct
+        with torch.no_grad():
+            deform = DisplacementField(deform.displacement(fixed.grid), fixed.grid)
     transform = deform if isinstance(init, Identity) else Compose(init.to(deform.field.device), deform)
     return transform, {k: round(v, 3) for k, v in times.items()}
 
@@ -149,7 +203,7 @@ def predict(loaded: Any, fixed: Image, moving: Image, *, model: str = "",
     t0 = time.perf_counter()
     transform, times = predict_pair(loaded.net, prep, fixed, moving, initialisation=init,
                                     instance_steps=instance_steps, instance=instance,
-                                    regularisation=regularisation)
+                                    regularisation=regularisation, train_config=loaded.train_config)
     runtime = time.perf_counter() - t0
     with torch.no_grad():
         warped = warp_image(moving.to(torch.float32), transform.to(moving.data.device), fixed.grid)
@@ -157,3 +211,14 @@ def predict(loaded: Any, fixed: Image, moving: Image, *, model: str = "",
                                 config=cfg, runtime_s=runtime)
     result.history = [{"stage": "predict", **times}]
     return result
+
+
+class _scaled:
+    """A training loss whose regularisers are multiplied by ``scale`` (the λ of a conditional
+    model's ``--regularisation``), as during conditional training."""
+
+    def __init__(self, loss: Any, scale: float) -> None:
+        self.loss, self.scale = loss, scale
+
+    def __call__(self, out: Any, batch: Any) -> Any:
+        return self.loss(out, batch, reg_weight=None if self.scale == 1.0 else self.scale)
