@@ -51,7 +51,7 @@ class PredictConfig:
     instance_steps: int = 0
     instance: dict[str, Any] = field(default_factory=dict)
     regularisation: float | None = None
-    similarity: dict[str, Any] = field(default_factory=lambda: {"name": "lncc"})
+    similarity: dict[str, Any] = field(default_factory=lambda: {"name": "ncc"})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +70,7 @@ def initial_alignment(fixed: Image, moving: Image, method: str) -> SpatialTransf
 
 
 #: defaults of instance optimisation (``instance`` overrides them).
-INSTANCE_DEFAULTS = {"lr": 0.1, "similarity": None, "regularisation": None}
+INSTANCE_DEFAULTS = {"lr": 0.2, "similarity": None, "regularisation": None, "integrate_steps": 4}
 
 
 def instance_loss(train_config: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -175,6 +175,7 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         loss = instance_loss(train_config or {}, opts).to(dev)
         scale = 1.0 if regularisation is None else float(regularisation)
         steps = int(getattr(net, "integrate_steps", 0) or 0) if out.velocity is not None else 0
+        steps = min(steps, int(opts["integrate_steps"]))
         start = out.velocity.detach().float() if steps else u
         u = instance_optimise(f, m, start, grid, _scaled(loss, scale), instance_steps, opts["lr"],
                               integrate_steps=steps)

@@ -40,6 +40,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from medreg.core.errors import InputError
+from medreg.core.functional import jacobian_det
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.metrics.jacobian import jacobian_determinant
@@ -161,6 +162,36 @@ def _grid_lines(ax, view: PlaneView, u: Tensor, background: np.ndarray | None,
     ax.set_aspect("equal")
 
 
+def _det_on_views(u, grid, views) -> np.ndarray:
+    """det J where the views cut the grid (NaN elsewhere): each 3D plane from a three-voxel slab
+    around it (central differences need no more), not the whole volume."""
+    if grid.ndim == 2:
+        return jacobian_determinant(u, grid).numpy()
+    det = np.full(grid.shape, np.nan)
+    for view in views:
+        axis = 2 + grid.ndim - 1 - view.normal_axis  # tensor axis of the plane's normal
+        n = u.shape[axis]
+        lo, hi = max(view.slice_index - 1, 0), min(view.slice_index + 2, n)
+        slab = u.narrow(axis, lo, hi - lo)
+        d = jacobian_det(slab.to(torch.float64), grid)[0].numpy()
+        index = [slice(None)] * grid.ndim
+        index[axis - 2] = view.slice_index
+        local = [slice(None)] * grid.ndim
+        local[axis - 2] = view.slice_index - lo
+        det[tuple(index)] = d[tuple(local)]
+    return det
+
+
+def _fold_count(metrics: Mapping[str, Any] | None, det: np.ndarray | None) -> int:
+    """Folded voxels of the whole field: from the metrics when they hold it (the QC det J is
+    only computed on the displayed planes), else counted on ``det``."""
+    for section in ("displacement", "jacobian"):
+        sec = (metrics or {}).get(section)
+        if isinstance(sec, Mapping) and isinstance(sec.get("folding_count"), int):
+            return int(sec["folding_count"])
+    return 0 if det is None else int((det <= 0).sum())
+
+
 def _det_norm(det: np.ndarray) -> TwoSlopeNorm:
     finite = det[np.isfinite(det)]
     lo, hi = (np.percentile(finite, [0.5, 99.5]) if finite.size else (1.0, 1.0))
@@ -235,7 +266,7 @@ def qc_figure(fixed: Image, warped: Image, moving: Image | None = None, *,
                              f"({fixed.name})")
     views = plane_views(grid, None if center is None else tuple(center))
     u = None if displacement is None else _field_tensor(displacement, grid)
-    det = None if u is None else jacobian_determinant(u, grid).numpy()
+    det = None if u is None else _det_on_views(u, grid, views)
 
     columns = ["fixed"]
     if moving is not None:
@@ -263,7 +294,7 @@ def qc_figure(fixed: Image, warped: Image, moving: Image | None = None, *,
     diff_lim = None
     fold_cmap = ListedColormap([FOLD_COLOR])
     norm_det = _det_norm(det) if det is not None else None
-    n_folds = int((det <= 0).sum()) if det is not None else 0
+    n_folds = _fold_count(metrics, det)
 
     for row, view in enumerate(views):
         f = _scale(view.take(fixed.data[0]), win_f)
