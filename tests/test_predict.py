@@ -123,9 +123,11 @@ def test_initial_alignment_and_instance_optimisation_recover_a_shift(pair2d, tmp
     none = medreg.predict(ckpt, fixed, moving, initialisation="none")
     com = medreg.predict(ckpt, fixed, moving, initialisation="com")
     io = medreg.predict(ckpt, fixed, moving, initialisation="none", instance_steps=40)
+    affine = medreg.predict(ckpt, fixed, moving, initialisation="affine")
     assert error(none) == pytest.approx(float(np.hypot(3.4, 2.1)), abs=1e-3)
     assert error(com) < 0.5 * error(none)
     assert error(io) < 0.5 * error(none)
+    assert error(affine) < 0.25 * error(none)  # the classical affine preset before the network
     assert io.metrics["similarity_after"]["value"] < none.metrics["similarity_after"]["value"]
 
 
