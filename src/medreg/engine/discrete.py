@@ -884,8 +884,7 @@ def _refine(fdata: Tensor, fgrid: Grid, mdata: Tensor, mgrid: Grid, prefix: Spat
     t0 = time.perf_counter()
     ident = Identity(fgrid.ndim)
     io = fgrid.downsample(p.io_factor)
-    reach = max(p.radius_mm, float(u.detach().abs().max()) if u.numel() else 0.0)
-    margin = [int(math.ceil(reach / s)) + 2 for s in io.spacing]
+    margin = [int(math.ceil(p.radius_mm / s)) + 2 for s in io.spacing]
     io_pad = io.pad(margin)  # the moving side: where x + u may land
     crop_t = tuple([slice(None), slice(None)] + [slice(mg, mg + n) for mg, n in
                                                  zip(reversed(margin), io.shape)])

@@ -23,8 +23,8 @@ import torch
 from medreg.core.errors import InputError
 from medreg.core.image import Image
 from medreg.engine import RegistrationResult, initial_transform, load_preset, run_registration
-from medreg.transforms import Compose, DisplacementField, Identity, SpatialTransform, warp_image
-from medreg.train.preprocess import PreprocessConfig, field_to_world, network_grid, prepare_image
+from medreg.transforms import Compose, Identity, SpatialTransform, warp_image
+from medreg.train.preprocess import PreprocessConfig, network_grid, prediction_transform, prepare_image
 
 INITIALISATIONS = ("none", "geometry", "com", "moments", "affine")
 
@@ -89,7 +89,7 @@ def instance_loss(train_config: dict[str, Any], overrides: dict[str, Any]) -> An
 
 def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tensor,
                       grid: Any, loss: Any, steps: int, lr: float = 0.1,
-                      integrate_steps: int = 0) -> torch.Tensor:
+                      integrate_steps: int = 0, reg_weight: float | None = None) -> torch.Tensor:
     """Refine a network's field on one pair by ``steps`` Adam steps on ``loss``.
 
     Args:
@@ -100,6 +100,7 @@ def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Ten
         grid: the network grid (for the regularisers' mm units).
         loss: a :class:`~medreg.train.losses.TrainingLoss` (see :func:`instance_loss`).
         lr: Adam step size, voxels.
+        reg_weight: λ of a conditional model: multiplies the regularisers, as in training.
 
     Returns:
         the refined ``(1, D, *grid.shape)`` displacement (voxel units, detached).
@@ -115,7 +116,7 @@ def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Ten
     with torch.enable_grad():
         for _ in range(int(steps)):
             opt.zero_grad(set_to_none=True)
-            loss(NetOutput(displacement=field(p)), batch).total.backward()
+            loss(NetOutput(displacement=field(p)), batch, reg_weight=reg_weight).total.backward()
             opt.step()
     with torch.no_grad():
         return field(p).detach()
@@ -157,7 +158,7 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
     grid = network_grid(fixed.grid, preprocess)
     param = next(net.parameters(), None)
     dev = param.device if param is not None else fixed.data.device
-    f, _ = prepare_image(fixed, grid, preprocess)
+    f, info = prepare_image(fixed, grid, preprocess)
     m, _ = prepare_image(moving, grid, preprocess, transform=init)
     f, m = f[None].to(dev), m[None].to(dev)
     with torch.no_grad():
@@ -173,18 +174,14 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
             raise InputError(f"instance optimisation has no option(s) {', '.join(unknown)}; "
                              f"it takes: {', '.join(INSTANCE_DEFAULTS)}")
         loss = instance_loss(train_config or {}, opts).to(dev)
-        scale = 1.0 if regularisation is None else float(regularisation)
         steps = int(getattr(net, "integrate_steps", 0) or 0) if out.velocity is not None else 0
         steps = min(steps, int(opts["integrate_steps"]))
         start = out.velocity.detach().float() if steps else u
-        u = instance_optimise(f, m, start, grid, _scaled(loss, scale), instance_steps, opts["lr"],
-                              integrate_steps=steps)
+        u = instance_optimise(f, m, start, grid, loss, instance_steps, opts["lr"],
+                              integrate_steps=steps, reg_weight=regularisation)
         times["instance_s"] = time.perf_counter() - t0
-    disp = field_to_world(u[0], grid).unsqueeze(0)
-    deform = DisplacementField(disp, grid)
-    if grid != fixed.grid:  # sampled once on the fixed grid: later warps and metrics are direct
-        with torch.no_grad():
-            deform = DisplacementField(deform.displacement(fixed.grid), fixed.grid)
+    with torch.no_grad():  # sampled once on the fixed grid: later warps and metrics are direct
+        deform = prediction_transform(u[0], info)
     transform = deform if isinstance(init, Identity) else Compose(init.to(deform.field.device), deform)
     return transform, {k: round(v, 3) for k, v in times.items()}
 
@@ -213,13 +210,3 @@ def predict(loaded: Any, fixed: Image, moving: Image, *, model: str = "",
     result.history = [{"stage": "predict", **times}]
     return result
 
-
-class _scaled:
-    """A training loss whose regularisers are multiplied by ``scale`` (the λ of a conditional
-    model's ``--regularisation``), as during conditional training."""
-
-    def __init__(self, loss: Any, scale: float) -> None:
-        self.loss, self.scale = loss, scale
-
-    def __call__(self, out: Any, batch: Any) -> Any:
-        return self.loss(out, batch, reg_weight=None if self.scale == 1.0 else self.scale)
