@@ -269,8 +269,8 @@ def affine_field_points(norm_from_index: Tensor, field_to_norm: Tensor, field: T
             torch.add(piece, field[:, j0], alpha=l0, out=oi)
         elif rest is None:
             oi.copy_(piece.expand(n, *shape))
-        else:
-            torch.add(piece, rest, out=oi)
+        else:  # both pieces broadcast: their sum may still miss axes (zero ramps), so expand it
+            oi.copy_((piece + rest).expand(n, *shape))
             rest = None
         for j, lj in terms:
             oi.add_(field[:, j], alpha=lj)
