@@ -267,10 +267,8 @@ def affine_field_points(norm_from_index: Tensor, field_to_norm: Tensor, field: T
         if terms:
             j0, l0 = terms.pop(0)
             torch.add(piece, field[:, j0], alpha=l0, out=oi)
-        elif rest is None:
-            oi.copy_(piece.expand(n, *shape))
-        else:  # both pieces broadcast: their sum may still miss axes (zero ramps), so expand it
-            oi.copy_((piece + rest).expand(n, *shape))
+        else:  # broadcast pieces (their sum may still miss axes with zero ramps): expand into place
+            oi.copy_((piece if rest is None else piece + rest).expand(n, *shape))
             rest = None
         for j, lj in terms:
             oi.add_(field[:, j], alpha=lj)
