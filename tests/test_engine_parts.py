@@ -71,3 +71,57 @@ def test_moments_initialisation_recovers_rotation():
     assert torch.allclose(centre_of_mass(fixed), torch.tensor([32.0, 24.0], dtype=torch.float64), atol=0.1)
     c, axes = principal_axes(fixed)
     assert abs(float(axes[0, 1])) > 0.99  # largest spread along x
+
+
+# ------------------------------------------------------------------ greedy stage parts
+def _oblique_grid3d() -> Grid:
+    from scipy.spatial.transform import Rotation
+
+    direction = Rotation.from_rotvec([0.3, -0.2, 0.5]).as_matrix()
+    return Grid((14, 12, 10), (1.2, 0.8, 2.0), (3.0, -5.0, 7.0), direction)
+
+
+def test_greedy_force_is_the_world_gradient_on_an_oblique_anisotropic_grid():
+    from medreg.engine.greedy import GreedyStep
+
+    g = _oblique_grid3d()
+    a = torch.tensor([0.7, -1.3, 0.4])
+    image = (g.points() @ a)[None, None]           # f(x) = a·x in world mm
+    step = GreedyStep(g, lr=0.5, gradient_sigma=0.0, field_smoothing=0.0)
+    f = step.force(image, -torch.ones_like(image))  # −∂loss/∂f = 1 → force = ∇f
+    assert torch.allclose(f.movedim(1, -1), a.expand(*g.shape, 3), atol=1e-4)
+
+
+def test_greedy_scale_sets_the_longest_step_in_voxels():
+    from medreg.engine.greedy import GreedyStep
+
+    g = _oblique_grid3d()
+    step = GreedyStep(g, lr=0.4, gradient_sigma=0.0, field_smoothing=0.0)
+    f = torch.randn(1, 3, *g.shape, generator=torch.Generator().manual_seed(0))
+    v = step.scale(f)
+    vox = g.transform_vectors(v, "world", "index", channel_dim=1)
+    assert float(vox.norm(dim=1).max()) == pytest.approx(0.4, rel=1e-5)
+    assert torch.equal(step.scale(torch.zeros_like(f)), torch.zeros_like(f))
+
+
+def test_greedy_compose_matches_compose_displacements():
+    from medreg.engine.greedy import GreedyStep
+    from medreg.transforms import compose_displacements
+
+    g = _oblique_grid3d()
+    gen = torch.Generator().manual_seed(1)
+    u = torch.randn(1, 3, *g.shape, generator=gen)
+    v = 0.3 * torch.randn(1, 3, *g.shape, generator=gen)
+    step = GreedyStep(g, lr=0.5, gradient_sigma=0.0, field_smoothing=0.0)
+    assert torch.allclose(step.compose(u, v), compose_displacements(u, v, g), atol=1e-5)
+
+
+def test_greedy_stage_rejects_settings_it_would_ignore():
+    from medreg.engine import config_from_dict
+
+    base = {"type": "greedy", "levels": [2], "iterations": 5}
+    for extra, match in (({"regularisation": {"diffusion": 1.0}}, "smoothing"),
+                         ({"symmetric": True}, "symmetric"),
+                         ({"optimizer": "lbfgs"}, "optimizer")):
+        with pytest.raises(InputError, match=match):
+            config_from_dict({"stages": [{**base, **extra}]})

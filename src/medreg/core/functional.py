@@ -77,24 +77,36 @@ def gaussian_kernel1d(sigma: float, truncate: float = 3.0, *, dtype=torch.float3
 
 
 def separable_filter(x: Tensor, kernels: Sequence[Tensor | None], padding: str = "replicate") -> Tensor:
-    """Filter ``(N, C, *shape)`` with one 1D kernel per axis (``(x, y, z)`` order; None skips)."""
+    """Filter ``(N, C, *shape)`` with one 1D kernel per axis (``(x, y, z)`` order; None skips).
+
+    Correlation with ``padding`` (an :func:`torch.nn.functional.pad` mode) at the borders. Each
+    pass is a weighted sum of shifted views of the padded tensor (symmetric kernels add each
+    mirrored pair first): memory-bound work that is several times faster on CPU than a
+    depthwise ``conv3d`` with a ``k×1×1`` weight, and differentiable.
+    """
     d = x.dim() - 2
-    n, c = x.shape[:2]
-    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
     out = x
     for comp, k in enumerate(kernels):
         if k is None or k.numel() == 1:
             continue
-        axis = d - 1 - comp  # spatial axis index in tensor order
-        shape = [1] * d
-        shape[axis] = k.numel()
-        weight = k.to(out).reshape(1, 1, *shape).repeat(c, 1, *([1] * d))
-        pad = [0] * (2 * d)
+        axis = 2 + d - 1 - comp  # tensor dimension of this component's axis
         r = k.numel() // 2
+        pad = [0] * (2 * d)
         # F.pad lists the last axis first
-        pad[2 * (d - 1 - axis)] = r
-        pad[2 * (d - 1 - axis) + 1] = r
-        out = conv(F.pad(out, pad, mode=padding), weight, groups=c)
+        pad[2 * (x.dim() - 1 - axis)] = r
+        pad[2 * (x.dim() - 1 - axis) + 1] = r
+        padded = F.pad(out, pad, mode=padding)
+        n = out.shape[axis]
+        w = k.detach().to("cpu", torch.float64).tolist()
+        acc = padded.narrow(axis, r, n) * w[r]
+        if w == w[::-1]:
+            for j in range(r):
+                acc = acc.add_(padded.narrow(axis, j, n) + padded.narrow(axis, 2 * r - j, n), alpha=w[j])
+        else:
+            for j in range(k.numel()):
+                if j != r:
+                    acc = acc.add_(padded.narrow(axis, j, n), alpha=w[j])
+        out = acc
     return out
 
 

@@ -5,7 +5,7 @@ image pyramid, e.g.::
 
     initialisation: moments        # none | geometry | com | moments
     stages:
-      - type: affine               # translation | rigid | similarity | affine | bspline | displacement | svf
+      - type: affine               # translation | rigid | similarity | affine | bspline | displacement | svf | greedy | discrete
         levels: [4, 2]             # pyramid shrink factors, coarse to fine
         iterations: [100, 50]
         similarity: {name: ncc}
@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from medreg.core.errors import InputError
 
 STAGE_TYPES = ("translation", "rigid", "similarity", "affine", "bspline", "displacement", "svf",
-               "discrete")
+               "greedy", "discrete")
 LINEAR_TYPES = ("translation", "rigid", "similarity", "affine")
 INITIALISATIONS = ("none", "geometry", "com", "moments")
 OPTIMIZERS = ("adam", "lbfgs")
@@ -47,15 +47,16 @@ class StageConfig:
         optimizer: ``adam`` or ``lbfgs``.
         lr: learning rate. Linear stages: mm of translation per step (rotations and matrix
             entries are scaled by the image radius so they move comparably). Deformable stages:
-            mm of displacement/velocity (B-spline: of coefficients) per step.
+            mm of displacement/velocity (B-spline: of coefficients) per step. Greedy: the
+            longest update vector per step, in voxels of the level.
         similarity: ``{name: ..., **params}`` for :func:`medreg.losses.create`.
         regularisation: ``{name: weight}`` or ``{name: {weight: w, **params}}``.
         smoothing: Gaussian σ in mm of the image pyramid per level (default ``0.5·factor·spacing``).
         control_spacing: B-spline control-point spacing in mm.
         steps: scaling-and-squaring steps (SVF).
-        symmetric: SVF/displacement: warp both images to the midpoint (inverse-consistent).
+        symmetric: SVF: warp both images to the midpoint (inverse-consistent).
         gradient_sigma: Gaussian σ (voxels of the level) applied to the gradient of dense fields
-            before each step (a "fluid-like" smoothing hook; 0 disables).
+            before each step (a "fluid-like" smoothing hook; 0 disables). Greedy: of the force.
         field_smoothing: Gaussian σ (voxels) applied to dense fields after each step
             ("diffusion-like" smoothing, 0 disables).
         tolerance: stop a level when the loss improved by less than this (relative) over
@@ -102,7 +103,7 @@ class StageConfig:
         if not isinstance(self.similarity, Mapping) or "name" not in self.similarity:
             raise InputError(f"stage {self.type}: similarity must be a mapping with a 'name'")
         if self.type in LINEAR_TYPES and self.symmetric:
-            raise InputError(f"stage {self.type}: symmetric mode is for svf/displacement stages")
+            raise InputError(f"stage {self.type}: symmetric mode is for svf stages")
         if self.type == "discrete":
             from medreg.engine.discrete import DiscreteParams
 
@@ -111,6 +112,14 @@ class StageConfig:
             DiscreteParams.from_dict(self.discrete, "stage discrete: discrete")
         elif self.discrete:
             raise InputError(f"stage {self.type}: 'discrete' settings apply to type: discrete only")
+        if self.type == "greedy":
+            if self.symmetric:
+                raise InputError("stage greedy: symmetric mode is not available; use an svf stage")
+            if self.regularisation:
+                raise InputError("stage greedy: regularises by smoothing only; set gradient_sigma "
+                                 "(update) and field_smoothing (total field) instead of regularisation")
+            if self.optimizer != "adam":
+                raise InputError("stage greedy: takes normalised gradient steps; remove 'optimizer'")
         if self.control_spacing <= 0 or self.steps < 0:
             raise InputError(f"stage {self.type}: control_spacing must be > 0 and steps >= 0")
 

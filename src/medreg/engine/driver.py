@@ -142,7 +142,20 @@ class _Level:
 
 
 def _prepare_level(fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
-                   factor: int, sigma: float | None) -> _Level:
+                   factor: int, sigma: float | None, cache: dict | None = None) -> _Level:
+    """The pyramid level of both images (and masks); ``cache`` (one dict per registration run)
+    keeps levels that later stages ask for again with the same factor and smoothing."""
+    key = (factor, None if sigma is None else tuple(sigma) if isinstance(sigma, list) else sigma)
+    if cache is not None and key in cache:
+        return cache[key]
+    level = _build_level(fixed, moving, fixed_mask, moving_mask, factor, sigma)
+    if cache is not None:
+        cache[key] = level
+    return level
+
+
+def _build_level(fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
+                 factor: int, sigma: float | None) -> _Level:
     f = pyramid_level(fixed, factor, sigma)
     m = pyramid_level(moving, factor, sigma)
     fm = pyramid_level(fixed_mask.to(torch.float32), factor, 0.0).data[None] if fixed_mask is not None else None
@@ -230,6 +243,7 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
     history: list[dict] = []
     inverse: SpatialTransform | None = None
     nstages = len(config.stages)
+    levels: dict = {}  # pyramid levels shared by the stages of this run
     for si, stage in enumerate(config.stages):
         if stage.type == "discrete":
             res = _run_discrete(si, nstages, stage, fixed, moving, fixed_mask, moving_mask, linear,
@@ -237,14 +251,20 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
             deformations.append(res.forward)
             inverse = res.backward
             continue
+        if stage.type == "greedy":
+            deformations.append(_run_greedy(si, nstages, stage, fixed, moving, fixed_mask,
+                                            moving_mask, linear, deformations, progress, history,
+                                            levels))
+            inverse = None
+            continue
         sim = build_similarity(stage.similarity)
         regs = build_regularisers(stage.regularisation)
         if stage.is_linear:
             linear = _run_linear(si, nstages, stage, fixed, moving, fixed_mask, moving_mask, linear,
-                                 sim, regs, progress, history)
+                                 sim, regs, progress, history, levels)
         else:
             deform, inv = _run_deformable(si, nstages, stage, fixed, moving, fixed_mask, moving_mask,
-                                          linear, deformations, sim, regs, progress, history)
+                                          linear, deformations, sim, regs, progress, history, levels)
             deformations.append(deform)
             inverse = inv
     total: SpatialTransform = linear if not deformations else Compose(linear, *deformations)
@@ -274,9 +294,49 @@ def _run_discrete(si: int, nstages: int, stage: StageConfig, fixed: Image, movin
     return res
 
 
+def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
+                fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
+                earlier: list[SpatialTransform], progress: Progress, history: list,
+                cache: dict | None = None) -> DisplacementField:
+    from medreg.engine.greedy import GreedyStep, greedy_level
+
+    sim = build_similarity(stage.similarity)
+    prefix = linear if not earlier else Compose(linear, *earlier)
+    u: Tensor | None = None
+    u_grid: Grid | None = None
+    for li, factor in enumerate(stage.levels):
+        sigma = None if stage.smoothing is None else stage.smoothing[li]
+        level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma, cache)
+        grid = level.fixed.grid
+        u = torch.zeros(1, grid.ndim, *grid.shape) if u is None else resample_field(u, u_grid, grid)
+        u_grid = grid
+        step = GreedyStep(grid, stage.lr if stage.lr is not None else 0.25, stage.gradient_sigma,
+                          stage.field_smoothing)
+        progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
+        t_level = time.perf_counter()
+        converged = _Converged(stage.tolerance, stage.patience)
+
+        def report(it: int, value: float) -> bool:
+            progress.update(it, value)
+            return converged(value)
+
+        def loss_fn(fdata: Tensor, warped: Tensor, t: SpatialTransform, level: _Level = level) -> Tensor:
+            return _similarity(sim, level, warped, t, fixed_data=fdata)
+
+        u, steps, first, last = greedy_level(u, step, prefix, level.fixed.batch(), level.moving.batch(),
+                                             level.moving.grid, loss_fn, stage.iterations[li], report)
+        progress.end(last)
+        history.append({"stage": si + 1, "type": stage.type, "factor": factor, "iterations": steps,
+                        "loss_first": first, "loss_last": last,
+                        "seconds": round(time.perf_counter() - t_level, 3)})
+    with torch.no_grad():
+        return DisplacementField(resample_field(u, u_grid, fixed.grid), fixed.grid)
+
+
 def _run_linear(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
                 fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
-                sim: nn.Module, regs: list, progress: Progress, history: list) -> LinearTransform:
+                sim: nn.Module, regs: list, progress: Progress, history: list,
+                cache: dict | None = None) -> LinearTransform:
     center = linear.center.detach().double() if linear.center.abs().sum() > 0 else \
         torch.tensor(fixed.grid.center(), dtype=torch.float64)
     model = _LinearModel(stage.type, fixed.ndim, center, _radius(fixed.grid))
@@ -284,7 +344,7 @@ def _run_linear(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
     prev = linear
     for li, factor in enumerate(stage.levels):
         sigma = None if stage.smoothing is None else stage.smoothing[li]
-        level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma)
+        level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma, cache)
         mdata = level.moving.batch()
         progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
         t_level = time.perf_counter()
@@ -308,7 +368,8 @@ def _run_linear(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
 def _run_deformable(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
                     fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
                     earlier: list[SpatialTransform], sim: nn.Module, regs: list,
-                    progress: Progress, history: list) -> tuple[SpatialTransform, SpatialTransform | None]:
+                    progress: Progress, history: list,
+                    cache: dict | None = None) -> tuple[SpatialTransform, SpatialTransform | None]:
     if stage.symmetric and stage.type != "svf":
         raise InputError(f"stage {si + 1}: symmetric mode needs a diffeomorphic (svf) stage")
     lr = stage.lr if stage.lr is not None else 0.5
@@ -319,7 +380,7 @@ def _run_deformable(si: int, nstages: int, stage: StageConfig, fixed: Image, mov
     fixed_prefix = [linear, *earlier]
     for li, factor in enumerate(stage.levels):
         sigma = None if stage.smoothing is None else stage.smoothing[li]
-        level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma)
+        level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma, cache)
         grid = level.fixed.grid
         mdata = level.moving.batch()
         if bspline is not None:
