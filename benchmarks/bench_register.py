@@ -246,7 +246,8 @@ def medreg_available() -> bool:
 def _tag(method: str, pair: Pair, a: argparse.Namespace) -> str | None:
     """The row's variant: the preset of ``medreg``, the model (+ instance steps) of ``predict``."""
     if method == "medreg":
-        return a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset
+        preset = a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset
+        return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
     if method == "predict":
         return f"{Path(a.model).stem}" + (f"+io{a.instance_steps}" if a.instance_steps else "")
     return None
@@ -267,9 +268,10 @@ def _command(method: str, pair: Pair, out: Path, a: argparse.Namespace) -> list[
         return cmd
     if method == "medreg":
         preset = a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset
+        # a YAML path is a --config file (e.g. benchmarks/configs/*.yaml), tagged by its stem
+        choice = ["--config", preset] if preset.endswith((".yaml", ".yml")) else ["--preset", preset]
         cmd = [sys.executable, "-m", "medreg", "register", pair.fixed, pair.moving, "-o", str(out),
-               "--preset", preset, "--threads", str(a.threads), "--seed", str(a.seed), "--quiet",
-               "--overwrite"]
+               *choice, "--threads", str(a.threads), "--seed", str(a.seed), "--quiet", "--overwrite"]
         if pair.moving_labels:
             cmd += ["--moving-labels", pair.moving_labels]
         if pair.fixed_labels:
@@ -520,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="repeatable; default: vxm")
     ap.add_argument("--pairs", type=int, default=None, help="at most N pairs per dataset")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--preset", default="fast", help="medreg preset (lung/head2d use lung/"
-                    "multimodal unless --preset-for says otherwise)")
+    ap.add_argument("--preset", default="fast", help="medreg preset or a YAML config file (lung/"
+                    "head2d use lung/multimodal unless --preset-for says otherwise)")
     ap.add_argument("--preset-for", action="append", default=[], metavar="DATASET=PRESET")
     ap.add_argument("--model", default="brain3d", help="method predict: bundled model or checkpoint")
     ap.add_argument("--instance-steps", type=int, default=0, help="method predict: instance optimisation")

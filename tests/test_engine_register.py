@@ -106,7 +106,8 @@ def test_small_3d_real_pair_dice_rises(shared_data):
 
     fixed, moving = down("fixed.nii.gz"), down("moving.nii.gz")
     fl, ml = down("fixed_labels.nii.gz", True), down("moving_labels.nii.gz", True)
-    res = medreg.register(fixed, moving, "fast", fixed_labels=fl, moving_labels=ml, iterations=25)
+    # the preset's pyramid is meant for ~1 mm images: at 3 mm its deformable stage runs at 1/2 and 1
+    res = medreg.register(fixed, moving, "fast", fixed_labels=fl, moving_labels=ml, stage2_levels=[2, 1])
     m = res.metrics
     assert m["dice_after"] > m["dice_before"] + 0.05
     assert m["displacement"]["folding_percent"] < 0.1

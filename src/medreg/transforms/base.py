@@ -176,6 +176,19 @@ class Compose(SpatialTransform):
             full = m @ target.matrix("index", "world", dtype=wide, device=dev)
             return affine_field_points(full.to(dtype), m[:d, :d].to(dtype), inner.field.to(dtype),
                                        target.shape)
+        if all(isinstance(t, LinearTransform) for t in self.transforms):
+            # linear maps only (a linear stage's closure): one matrix, no point list
+            from medreg.transforms.functional import affine_field_points
+
+            ref = self.transforms[0].translation
+            # as the general path: the parameters' precision wins (float64 parameters give
+            # float64 coordinates, which a line search such as L-BFGS's needs)
+            dtype = ref.dtype if dtype is None else torch.promote_types(dtype, ref.dtype)
+            m = source.matrix("world", "norm", dtype=torch.float64, device=ref.device)
+            for t in self.transforms:
+                m = m @ t.matrix().to(torch.float64)
+            m = (m @ target.matrix("index", "world", dtype=torch.float64, device=ref.device)).to(dtype)
+            return affine_field_points(m, m[: self.ndim, : self.ndim], None, target.shape)
         return super().source_norm_points(target, source, dtype)
 
     def inverse(self) -> "Compose":
