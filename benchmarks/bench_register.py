@@ -269,7 +269,8 @@ def _command(method: str, pair: Pair, out: Path, a: argparse.Namespace) -> list[
     if method == "medreg":
         preset = a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset
         # a YAML path is a --config file (e.g. benchmarks/configs/*.yaml), tagged by its stem
-        choice = ["--config", preset] if preset.endswith((".yaml", ".yml")) else ["--preset", preset]
+        choice = (["--config", str(Path(preset).resolve())] if preset.endswith((".yaml", ".yml"))
+                  else ["--preset", preset])
         cmd = [sys.executable, "-m", "medreg", "register", pair.fixed, pair.moving, "-o", str(out),
                *choice, "--threads", str(a.threads), "--seed", str(a.seed), "--quiet", "--overwrite"]
         if pair.moving_labels:

@@ -125,3 +125,15 @@ def test_greedy_stage_rejects_settings_it_would_ignore():
                          ({"optimizer": "lbfgs"}, "optimizer")):
         with pytest.raises(InputError, match=match):
             config_from_dict({"stages": [{**base, **extra}]})
+
+
+def test_greedy_force_sums_over_channels():
+    from medreg.engine.greedy import GreedyStep
+
+    g = Grid((12, 10), (1.5, 0.7))
+    gen = torch.Generator().manual_seed(2)
+    image, dloss = torch.rand(1, 2, *g.shape, generator=gen), torch.randn(1, 2, *g.shape, generator=gen)
+    step = GreedyStep(g, lr=0.5, gradient_sigma=0.0, field_smoothing=0.0)
+    both = step.force(image, dloss)
+    apart = step.force(image[:, :1], dloss[:, :1]) + step.force(image[:, 1:], dloss[:, 1:])
+    assert torch.allclose(both, apart, atol=1e-6)

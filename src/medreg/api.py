@@ -206,7 +206,7 @@ def compute_metrics(result: RegistrationResult) -> dict[str, Any]:
     fixed, moving = result.fixed, result.moving
     with torch.no_grad():
         before = warp_image(moving.to(torch.float32), Identity(fixed.ndim), fixed.grid)
-        disp = result.transform.displacement(fixed.grid).detach().cpu()
+    disp = result.displacement()
     m: dict[str, Any] = {
         "similarity_before": _similarity_value(result.config, fixed, before),
         "similarity_after": _similarity_value(result.config, fixed, result.warped),
@@ -269,8 +269,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     else:
         del paths["warped_labels.nii.gz"]
     write_transform(transform, paths["transform.h5"], grid=fixed.grid)
-    with torch.no_grad():  # the dense field once, for the field file and the QC figure
-        disp = transform.displacement(fixed.grid).detach()
+    disp = result.displacement()  # the dense field once, for metrics, the field file and QC
     write_displacement(DisplacementField(disp, fixed.grid), paths["displacement.nii.gz"])
     meta = {**result.metrics, "preset_config": result.config.to_dict(), "versions": versions(),
             "fixed": fixed.name, "moving": result.moving.name}

@@ -63,6 +63,15 @@ class RegistrationResult:
     fixed_labels: Image | None = None
     moving_labels: Image | None = None
     warped_labels: Image | None = None
+    _displacement: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def displacement(self) -> Tensor:
+        """``transform(x) − x`` on the fixed grid, ``(1, D, *shape)`` world mm on the CPU (computed
+        once, shared by the metrics, the displacement file and the QC figure)."""
+        if self._displacement is None:
+            with torch.no_grad():
+                self._displacement = self.transform.displacement(self.fixed.grid).detach().cpu()
+        return self._displacement
 
 
 # ------------------------------------------------------------------ loss terms
@@ -308,10 +317,11 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
         sigma = None if stage.smoothing is None else stage.smoothing[li]
         level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma, cache)
         grid = level.fixed.grid
-        u = torch.zeros(1, grid.ndim, *grid.shape) if u is None else resample_field(u, u_grid, grid)
+        dev = level.fixed.data.device
+        u = torch.zeros(1, grid.ndim, *grid.shape, device=dev) if u is None else resample_field(u, u_grid, grid)
         u_grid = grid
         step = GreedyStep(grid, stage.lr if stage.lr is not None else 0.25, stage.gradient_sigma,
-                          stage.field_smoothing)
+                          stage.field_smoothing, device=dev)
         progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
         t_level = time.perf_counter()
         converged = _Converged(stage.tolerance, stage.patience)
@@ -386,7 +396,7 @@ def _run_deformable(si: int, nstages: int, stage: StageConfig, fixed: Image, mov
         if bspline is not None:
             param = bspline.coefficients
         elif param is None:
-            param = nn.Parameter(torch.zeros(1, grid.ndim, *grid.shape))
+            param = nn.Parameter(torch.zeros(1, grid.ndim, *grid.shape, device=level.fixed.data.device))
         else:
             param = nn.Parameter(resample_field(param.detach(), param_grid, grid))
         param_grid = grid

@@ -42,11 +42,11 @@ def _smooth(x: Tensor, sigma_vox: float) -> Tensor:
 
 
 def index_gradient(image: Tensor) -> Tensor:
-    """Central-difference gradient ``(N, D, *shape)`` of ``(N, 1, *shape)`` along index axes,
-    components ``x, y, z`` (one-sided at the border)."""
+    """Central-difference gradients ``(N, C, D, *shape)`` of ``(N, C, *shape)`` along the index
+    axes, components ``x, y, z`` (one-sided at the border)."""
     d = image.dim() - 2
-    parts = torch.gradient(image[:, 0], dim=tuple(range(1, d + 1)))
-    return torch.stack(parts[::-1], dim=1)
+    parts = torch.gradient(image, dim=tuple(range(2, d + 2)))
+    return torch.stack(parts[::-1], dim=2)
 
 
 class GreedyStep:
@@ -73,8 +73,8 @@ class GreedyStep:
 
     def force(self, warped: Tensor, dloss: Tensor) -> Tensor:
         """``−∂loss/∂warped · ∇warped`` in world mm per unit, smoothed: ``(N, D, *shape)``."""
-        grad = torch.einsum("ij,nj...->ni...", self.grad_to_world, index_gradient(warped))
-        return _smooth(-dloss.sum(1, keepdim=True) * grad, self.fluid)
+        per_index = -(dloss.unsqueeze(2) * index_gradient(warped)).sum(1)  # summed over channels
+        return _smooth(torch.einsum("ij,nj...->ni...", self.grad_to_world, per_index), self.fluid)
 
     def scale(self, force: Tensor) -> Tensor:
         """``force`` scaled so that its longest vector is ``lr`` voxels (zero stays zero)."""
