@@ -249,7 +249,8 @@ def _tag(method: str, pair: Pair, a: argparse.Namespace) -> str | None:
         preset = a.preset_for.get(pair.dataset) or DATASET_PRESET.get(pair.dataset) or a.preset
         return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
     if method == "predict":
-        return f"{Path(a.model).stem}" + (f"+io{a.instance_steps}" if a.instance_steps else "")
+        io = f"+{a.instance_method or 'io'}{a.instance_steps}" if a.instance_steps else ""
+        return f"{Path(a.model).stem}{io}"
     return None
 
 
@@ -259,6 +260,8 @@ def _command(method: str, pair: Pair, out: Path, a: argparse.Namespace) -> list[
                str(out), "--threads", str(a.threads), "--seed", str(a.seed), "--quiet", "--overwrite"]
         if a.instance_steps:
             cmd += ["--instance-steps", str(a.instance_steps)]
+            if a.instance_method:
+                cmd += ["--instance-method", a.instance_method]
         if a.initialisation:
             cmd += ["--initialisation", a.initialisation]
         if pair.moving_labels:
@@ -528,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset-for", action="append", default=[], metavar="DATASET=PRESET")
     ap.add_argument("--model", default="brain3d", help="method predict: bundled model or checkpoint")
     ap.add_argument("--instance-steps", type=int, default=0, help="method predict: instance optimisation")
+    ap.add_argument("--instance-method", default=None, choices=["adam", "greedy"],
+                    help="method predict: instance optimisation method (default: medreg's)")
     ap.add_argument("--initialisation", default=None, help="method predict: initial alignment")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results.json")

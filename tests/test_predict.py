@@ -122,13 +122,18 @@ def test_initial_alignment_and_instance_optimisation_recover_a_shift(pair2d, tmp
 
     none = medreg.predict(ckpt, fixed, moving, initialisation="none")
     com = medreg.predict(ckpt, fixed, moving, initialisation="com")
-    io = medreg.predict(ckpt, fixed, moving, initialisation="none", instance_steps=40)
+    io = medreg.predict(ckpt, fixed, moving, initialisation="none", instance_steps=40,
+                        instance_method="adam")
+    greedy = medreg.predict(ckpt, fixed, moving, initialisation="none", instance_steps=40)  # default
     affine = medreg.predict(ckpt, fixed, moving, initialisation="affine")
     assert error(none) == pytest.approx(float(np.hypot(3.4, 2.1)), abs=1e-3)
     assert error(com) < 0.5 * error(none)
     assert error(io) < 0.5 * error(none)
+    assert error(greedy) < 0.5 * error(none)
     assert error(affine) < 0.25 * error(none)  # the classical affine preset before the network
     assert io.metrics["similarity_after"]["value"] < none.metrics["similarity_after"]["value"]
+    with pytest.raises(InputError, match="instance-optimisation method"):
+        medreg.predict(ckpt, fixed, moving, instance_steps=2, instance_method="lbfgs")
 
 
 def test_checkpoint_round_trip_and_model_resolution(tmp_path):

@@ -154,7 +154,7 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
             fixed_labels: Image | str | None = None, moving_labels: Image | str | None = None,
             device: str | torch.device | None = None, threads: int | None = None,
             seed: int | None = None, instance_steps: int = 0, regularisation: float | None = None,
-            initialisation: str | None = None) -> RegistrationResult:
+            initialisation: str | None = None, instance_method: str | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained network.
 
     Args:
@@ -162,7 +162,10 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
         fixed, moving: images or paths (any grids; the model's dimension).
         fixed_labels, moving_labels: label maps for Dice before/after (not used by the model).
         device, threads, seed: as for :func:`register`.
-        instance_steps: Adam steps refining the predicted field (instance optimisation).
+        instance_steps: steps refining the predicted field on the pair (instance optimisation).
+        instance_method: ``adam`` (gradient steps on the model's training loss) or ``greedy``
+            (the ``fast`` preset's compositional LNCC updates); default
+            :data:`medreg.train.predict.INSTANCE_DEFAULTS`.
         regularisation: regulariser weight for a model trained with a regularisation input.
         initialisation: initial alignment (``none``, ``geometry``, ``com``, ``moments``,
             ``affine``); default the model's.
@@ -182,7 +185,8 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
     loaded = load_checkpoint(model, device=dev)
     result = run_predict(loaded, fixed_i.to(dev), moving_i.to(dev), model=str(model),
                          initialisation=initialisation, instance_steps=instance_steps,
-                         regularisation=regularisation)
+                         regularisation=regularisation,
+                         instance=None if instance_method is None else {"method": instance_method})
     result.transform = result.transform.to("cpu")
     result.warped = result.warped.to("cpu")
     return _finish(result, fixed_i, moving_i, fl, ml)

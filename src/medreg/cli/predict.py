@@ -17,7 +17,10 @@ from medreg.cli import main
 @click.option("--moving-labels", type=click.Path(), help="Moving label map: warped to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(), help="Fixed label map: with --moving-labels, Dice before/after.")
 @click.option("--instance-steps", type=int, default=0, show_default=True,
-              help="Adam steps refining the predicted field on the image pair (instance optimisation).")
+              help="Steps refining the predicted field on the image pair (instance optimisation).")
+@click.option("--instance-method", type=click.Choice(["adam", "greedy"]), default=None,
+              help="adam: gradient steps on the model's training loss; greedy: the fast preset's "
+                   "compositional LNCC updates. Default: greedy.")
 @click.option("--regularisation", type=float, default=None,
               help="Regulariser weight, for models trained with a regularisation input.")
 @click.option("--initialisation", type=click.Choice(["none", "geometry", "com", "moments", "affine"]),
@@ -28,7 +31,8 @@ from medreg.cli import main
 @click.option("--quiet", is_flag=True, help="No summary output.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs already in OUTDIR.")
 def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, instance_steps,
-                regularisation, initialisation, device, threads, seed, quiet, overwrite):
+                instance_method, regularisation, initialisation, device, threads, seed, quiet,
+                overwrite):
     """Register MOVING to FIXED with a trained network and write the same outputs as
     `medreg register` into OUTDIR. MODEL is a bundled model's name (see `medreg models`) or a
     checkpoint written by `medreg train`. No network access is needed."""
@@ -38,7 +42,8 @@ def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, insta
     out = check_outdir(outdir, overwrite)
     result = predict(model, fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                      device=device, threads=threads, seed=seed, instance_steps=instance_steps,
-                     regularisation=regularisation, initialisation=initialisation)
+                     regularisation=regularisation, initialisation=initialisation,
+                     instance_method=instance_method)
     paths = save_result(result, out, overwrite=overwrite)
     echo_summary(result.metrics, out, paths, quiet)
 

@@ -9,8 +9,8 @@ principal axes; ``affine``: medreg's classical affine preset) and ``u`` the netw
 displacement on its **network grid** (the fixed image's field of view at the model's size and
 spacing, see :mod:`medreg.train.preprocess`), converted to world mm. ``T`` is valid at every
 point of the fixed image's own grid, so outputs land on the fixed image's header exactly.
-Optionally ``u`` is refined on the pair by a few Adam steps of instance optimisation on the
-model's own training loss (its similarity and regularisers, on the network grid).
+Optionally ``u`` is refined on the pair by instance optimisation on the network grid: greedy
+compositional LNCC updates (default) or Adam steps on the model's own training loss.
 """
 from __future__ import annotations
 
@@ -69,8 +69,40 @@ def initial_alignment(fixed: Image, moving: Image, method: str) -> SpatialTransf
     return initial_transform(fixed, moving, method).to(torch.float32)
 
 
-#: defaults of instance optimisation (``instance`` overrides them).
-INSTANCE_DEFAULTS = {"lr": 0.2, "similarity": None, "regularisation": None, "integrate_steps": 4}
+#: defaults of instance optimisation (``instance`` overrides them). ``method``: ``greedy`` (the
+#: ``fast`` preset's compositional LNCC updates on the network grid: on the bundled models' benchmark
+#: pairs it beat 50 Adam steps, e.g. brain3d 0.716 vs 0.687 in 7 s vs 22 s) or ``adam`` (steps on
+#: the model's own training similarity and regularisers, its velocity for diffeomorphic models).
+INSTANCE_DEFAULTS = {"method": "greedy", "lr": 0.2, "similarity": None, "regularisation": None,
+                     "integrate_steps": 4, "greedy_lr": 0.25, "gradient_sigma": 1.7,
+                     "field_smoothing": 0.35}
+INSTANCE_METHODS = ("adam", "greedy")
+
+
+def instance_greedy(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tensor, grid: Any,
+                    similarity: dict[str, Any], steps: int, lr: float = 0.25,
+                    gradient_sigma: float = 1.7, field_smoothing: float = 0.35) -> torch.Tensor:
+    """Refine a network's displacement by ``steps`` greedy compositional updates
+    (:mod:`medreg.engine.greedy`, as the ``fast`` preset's deformable stage) on ``similarity``.
+
+    Args:
+        fixed, moving: ``(1, C, *grid.shape)`` prepared images on the network grid.
+        init: ``(1, D, *grid.shape)`` displacement in voxel units of ``grid``.
+        similarity: ``{name: ..., **params}`` (the regularisation is the smoothing).
+        lr: longest update per step, voxels; gradient_sigma, field_smoothing: σ in voxels.
+
+    Returns:
+        the refined ``(1, D, *grid.shape)`` displacement (voxel units).
+    """
+    from medreg.engine.driver import build_similarity
+    from medreg.engine.greedy import GreedyStep, greedy_level
+
+    sim = build_similarity(similarity)
+    step = GreedyStep(grid, lr, gradient_sigma, field_smoothing, device=fixed.device)
+    u = grid.transform_vectors(init.detach().float(), "index", "world", channel_dim=1)
+    u, *_ = greedy_level(u, step, Identity(grid.ndim), fixed.float(), moving.float(), grid,
+                         lambda f, w, t: sim(f, w), int(steps), lambda it, value: False)
+    return grid.transform_vectors(u, "world", "index", channel_dim=1)
 
 
 def instance_loss(train_config: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -173,12 +205,20 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         if unknown:
             raise InputError(f"instance optimisation has no option(s) {', '.join(unknown)}; "
                              f"it takes: {', '.join(INSTANCE_DEFAULTS)}")
-        loss = instance_loss(train_config or {}, opts).to(dev)
-        steps = int(getattr(net, "integrate_steps", 0) or 0) if out.velocity is not None else 0
-        steps = min(steps, int(opts["integrate_steps"]))
-        start = out.velocity.detach().float() if steps else u
-        u = instance_optimise(f, m, start, grid, loss, instance_steps, opts["lr"],
-                              integrate_steps=steps, reg_weight=regularisation)
+        if opts["method"] not in INSTANCE_METHODS:
+            raise InputError(f"unknown instance-optimisation method {opts['method']!r}; choose one "
+                             f"of {', '.join(INSTANCE_METHODS)}")
+        if opts["method"] == "greedy":
+            sim = opts["similarity"] or {"name": "lncc", "window": 9}
+            u = instance_greedy(f, m, u, grid, sim, instance_steps, opts["greedy_lr"],
+                                opts["gradient_sigma"], opts["field_smoothing"])
+        else:
+            loss = instance_loss(train_config or {}, opts).to(dev)
+            steps = int(getattr(net, "integrate_steps", 0) or 0) if out.velocity is not None else 0
+            steps = min(steps, int(opts["integrate_steps"]))
+            start = out.velocity.detach().float() if steps else u
+            u = instance_optimise(f, m, start, grid, loss, instance_steps, opts["lr"],
+                                  integrate_steps=steps, reg_weight=regularisation)
         times["instance_s"] = time.perf_counter() - t0
     with torch.no_grad():  # sampled once on the fixed grid: later warps and metrics are direct
         deform = prediction_transform(u[0], info)
