@@ -193,3 +193,19 @@ def test_greedy_stage_recovers_a_known_smooth_deformation(slice2d):
     assert before > 1.0 * min(g.spacing)
     assert epe < 0.5 * min(g.spacing), (epe, before)
     assert res.metrics["displacement"]["folding_percent"] == 0
+
+
+def test_multimodal_preset_recovers_a_deformation_across_contrasts(slice2d):
+    """A contrast-inverted, non-linearly remapped copy under a known smooth bump: the
+    `multimodal` preset (mutual information) brings the endpoint error well below the bump's."""
+    g = slice2d.grid
+    x = g.points(dtype=torch.float64) - torch.tensor(g.center(), dtype=torch.float64)
+    bump = torch.exp(-x.square().sum(-1) / (2 * 35.0 ** 2))
+    truth = StationaryVelocityField(torch.stack([6.0 * bump, 5.0 * bump])[None], g, steps=7)
+    t = slice2d.data / slice2d.data.max()
+    other = slice2d.with_data(torch.where(t > 0.05, 1.2 - t ** 2, torch.zeros_like(t)))
+    moving = warp_image(other, truth.inverse(), g)
+    res = medreg.register(slice2d, moving, "multimodal", initialisation="none")
+    epe, before = head_endpoint_errors(slice2d, res.transform, truth)
+    assert before > 1.0 * min(g.spacing)
+    assert epe < 0.35 * before, (epe, before)  # measured 0.62 vs 3.09 mm
