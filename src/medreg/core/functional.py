@@ -117,3 +117,8 @@ def gaussian_smooth(x: Tensor, sigma_mm: float | Sequence[float], spacing: Seque
     kernels = [gaussian_kernel1d(s / sp, dtype=x.dtype, device=x.device) if s > 0 else None
                for s, sp in zip(sig, spacing)]
     return separable_filter(x, kernels)
+
+
+def smooth_voxels(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian smoothing of ``(N, C, *shape)`` with one ``sigma`` in voxels (0: ``x`` itself)."""
+    return gaussian_smooth(x, sigma, [1.0] * (x.dim() - 2)) if sigma > 0 else x

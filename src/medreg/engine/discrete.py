@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medreg.core.errors import InputError
-from medreg.core.functional import gaussian_smooth
+from medreg.core.functional import gaussian_smooth, smooth_voxels
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.transforms import DisplacementField, Identity, SpatialTransform, warp_image
@@ -538,10 +538,6 @@ def cost_volume(feat_fixed: Tensor, feat_moving: Tensor, offsets: Tensor,
 
 
 # =========================================================================== regularised optimum
-def _smooth_vox(x: Tensor, sigma: float) -> Tensor:
-    return gaussian_smooth(x, sigma, [1.0] * (x.dim() - 2)) if sigma > 0 else x
-
-
 def box_filter(x: Tensor, radius: int) -> Tensor:
     """Mean of every channel of ``(N, K, *shape)`` over a ``(2r+1)``-wide box, truncated at
     the border (each mean over the voxels that exist)."""
@@ -735,10 +731,10 @@ def convex_optimise(cost: Tensor, offsets_mm: Tensor, grid: Grid, params: Discre
     win = params.softmin_radius
     u = _softmin_expectation(flat, a, q, None, 0.0, vchunk, extra, lattice, win)
     for lam in params.coupling:
-        ubar = _smooth_vox(u.reshape(n, d, *shape), params.smooth_sigma).reshape(n, d, vox)
+        ubar = smooth_voxels(u.reshape(n, d, *shape), params.smooth_sigma).reshape(n, d, vox)
         u = _softmin_expectation(flat, a, q, ubar, lam / t, vchunk, extra, lattice, win)
     if params.coupling:
-        u = _smooth_vox(u.reshape(n, d, *shape), params.smooth_sigma).reshape(n, d, vox)
+        u = smooth_voxels(u.reshape(n, d, *shape), params.smooth_sigma).reshape(n, d, vox)
     return (u * h).reshape(n, d, *shape)
 
 
@@ -811,7 +807,7 @@ def instance_optimise(fixed_feat: Tensor, moving_feat: Tensor, init_disp: Tensor
     lin_t = moving_grid.matrix("world", "norm", dtype=ff.dtype, device=ff.device)[:d, :d].T
 
     def evaluate() -> tuple[Tensor, Tensor]:
-        us = _smooth_vox(u, params.io_smooth)
+        us = smooth_voxels(u, params.io_smooth)
         norm = ident + us.movedim(1, -1) @ lin_t
         warped = F.grid_sample(src, norm, mode="bilinear", padding_mode="border",
                                align_corners=True)
@@ -837,7 +833,7 @@ def instance_optimise(fixed_feat: Tensor, moving_feat: Tensor, init_disp: Tensor
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return _smooth_vox(u, params.io_smooth).detach()
+        return smooth_voxels(u, params.io_smooth).detach()
 
 
 # =========================================================================== driver

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from medreg.core.errors import InputError
-from medreg.core.functional import gaussian_smooth
+from medreg.core.functional import smooth_voxels
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.engine.config import RegistrationConfig, StageConfig
@@ -138,10 +138,6 @@ def _radius(grid: Grid) -> float:
 
 
 # ------------------------------------------------------------------ helpers
-def _smooth_voxels(x: Tensor, sigma: float) -> Tensor:
-    return gaussian_smooth(x, sigma, [1.0] * (x.dim() - 2)) if sigma > 0 else x
-
-
 @dataclass
 class _Level:
     fixed: Image
@@ -432,11 +428,11 @@ def _run_deformable(si: int, nstages: int, stage: StageConfig, fixed: Image, mov
 
         def grad_hook() -> None:
             if stage.gradient_sigma > 0 and param.grad is not None and stage.type != "bspline":
-                param.grad = _smooth_voxels(param.grad, stage.gradient_sigma)
+                param.grad = smooth_voxels(param.grad, stage.gradient_sigma)
 
         def after_step() -> None:
             if stage.field_smoothing > 0 and stage.type != "bspline":
-                param.copy_(_smooth_voxels(param, stage.field_smoothing))
+                param.copy_(smooth_voxels(param, stage.field_smoothing))
 
         steps, first, last = _optimise([param], closure, stage, stage.iterations[li], lr, progress,
                                        after_step, grad_hook)

@@ -28,17 +28,13 @@ import torch
 from torch import Tensor
 
 from medreg.core.errors import InputError
-from medreg.core.functional import gaussian_smooth
+from medreg.core.functional import smooth_voxels
 from medreg.core.grid import Grid
 from medreg.transforms import Compose, DisplacementField, SpatialTransform, warp_image
 from medreg.transforms import functional as TF
 
 
 LossFn = Callable[[Tensor, Tensor, SpatialTransform], Tensor]
-
-
-def _smooth(x: Tensor, sigma_vox: float) -> Tensor:
-    return gaussian_smooth(x, sigma_vox, [1.0] * (x.dim() - 2)) if sigma_vox > 0 else x
 
 
 def index_gradient(image: Tensor) -> Tensor:
@@ -74,7 +70,7 @@ class GreedyStep:
     def force(self, warped: Tensor, dloss: Tensor) -> Tensor:
         """``−∂loss/∂warped · ∇warped`` in world mm per unit, smoothed: ``(N, D, *shape)``."""
         per_index = -(dloss.unsqueeze(2) * index_gradient(warped)).sum(1)  # summed over channels
-        return _smooth(torch.einsum("ij,nj...->ni...", self.grad_to_world, per_index), self.fluid)
+        return smooth_voxels(torch.einsum("ij,nj...->ni...", self.grad_to_world, per_index), self.fluid)
 
     def scale(self, force: Tensor) -> Tensor:
         """``force`` scaled so that its longest vector is ``lr`` voxels (zero stays zero)."""
@@ -86,7 +82,7 @@ class GreedyStep:
         """Displacement of ``(id + u) ∘ (id + v)``, smoothed by ``field_smoothing``."""
         q = self.ident_norm + torch.einsum("ij,nj...->n...i", self.norm_from_world, v)
         out = v + TF._field_sample(u, q).movedim(-1, 1)
-        return _smooth(out, self.diffusion)
+        return smooth_voxels(out, self.diffusion)
 
 
 def greedy_level(u: Tensor, step: GreedyStep, prefix: SpatialTransform, fixed: Tensor, moving: Tensor,
