@@ -1,4 +1,7 @@
-"""Profile one optimiser step of the ``fast`` preset's SVF stage on the vxm pair (issues 4 and 5).
+"""Profile one optimiser step of an SVF stage on the vxm pair (issues 4 and 5).
+
+By default the stage of ``benchmarks/configs/svf_fast.yaml``, the ``fast`` preset until it moved
+to the greedy stage (2026-12-04).
 
 One step = scaling and squaring of the velocity, the warp of the moving level image, the
 preset's similarity and regularisers, forward and backward — what ``engine.driver`` runs per
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from medreg.engine.driver import build_regularisers, build_similarity
+from medreg.engine.config import load_config
 from medreg.engine.presets import load_preset
 from medreg.engine.pyramid import pyramid_level
 from medreg.io import read_image
@@ -33,13 +37,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--factor", type=int, default=2, help="pyramid shrink factor of the level")
-    ap.add_argument("--preset", default="fast", help="preset whose first svf stage is profiled")
+    ap.add_argument("--preset", default=str(Path(__file__).resolve().parent / "configs" / "svf_fast.yaml"),
+                    help="preset name or YAML config whose first svf stage is profiled")
     ap.add_argument("--steps", type=int, default=None, help="scaling-and-squaring steps (default: the preset's)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    stage = next(st for st in load_preset(a.preset).stages if st.type == "svf")
+    cfg = load_config(a.preset) if a.preset.endswith((".yaml", ".yml")) else load_preset(a.preset)
+    stage = next((st for st in cfg.stages if st.type == "svf"), None)
+    if stage is None:
+        sys.exit(f"{a.preset} has no svf stage to profile")
     steps = a.steps if a.steps is not None else stage.steps
     fixed = pyramid_level(read_image(a.data / "fixed.nii.gz"), a.factor, None)
     moving = pyramid_level(read_image(a.data / "moving.nii.gz"), a.factor, None)
