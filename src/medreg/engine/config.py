@@ -120,6 +120,9 @@ class StageConfig:
                                  "(update) and field_smoothing (total field) instead of regularisation")
             if self.optimizer != "adam":
                 raise InputError("stage greedy: takes normalised gradient steps; remove 'optimizer'")
+            if (self.lr is not None and self.lr <= 0) or self.gradient_sigma < 0 or self.field_smoothing < 0:
+                raise InputError("stage greedy: lr (voxels per step) must be > 0 and gradient_sigma, "
+                                 "field_smoothing (voxels) >= 0")
         if self.control_spacing <= 0 or self.steps < 0:
             raise InputError(f"stage {self.type}: control_spacing must be > 0 and steps >= 0")
 
