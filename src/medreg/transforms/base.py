@@ -155,41 +155,36 @@ class Compose(SpatialTransform):
         return pts
 
     def source_norm_points(self, target: Grid, source: Grid, dtype: torch.dtype | None = None) -> Tensor:
-        # fast path for the registration hot spot: linear maps after one field on ``target``
+        # fast paths for the registration hot spots, through one matrix and no point list:
+        # linear maps after one field on ``target`` (deformable stages), or linear maps only
+        # (a linear stage's closure)
         *outer, inner = self.transforms
         from medreg.transforms.dense import DisplacementField
+        from medreg.transforms.functional import affine_field_points
         from medreg.transforms.linear import LinearTransform
 
-        if (outer and isinstance(inner, DisplacementField) and inner.grid == target
-                and all(isinstance(t, LinearTransform) for t in outer)):
-            from medreg.transforms.functional import affine_field_points
-
-            dtype = dtype or inner.field.dtype
-            dev = inner.field.device
-            # the matrix product in float64 (rounded once to ``dtype``), so that grids and
-            # transforms that cancel (an integer shift) stay exact in float32 coordinates
-            wide = torch.promote_types(dtype, torch.float64)
-            m = source.matrix("world", "norm", dtype=wide, device=dev)
-            for t in outer:
-                m = m @ t.matrix().to(wide)
-            d = self.ndim
-            full = m @ target.matrix("index", "world", dtype=wide, device=dev)
-            return affine_field_points(full.to(dtype), m[:d, :d].to(dtype), inner.field.to(dtype),
-                                       target.shape)
-        if all(isinstance(t, LinearTransform) for t in self.transforms):
-            # linear maps only (a linear stage's closure): one matrix, no point list
-            from medreg.transforms.functional import affine_field_points
-
-            ref = self.transforms[0].translation
+        field_inner = bool(outer) and isinstance(inner, DisplacementField) and inner.grid == target
+        if not (all(isinstance(t, LinearTransform) for t in outer)
+                and (field_inner or isinstance(inner, LinearTransform))):
+            return super().source_norm_points(target, source, dtype)
+        if field_inner:
+            chain, ref = outer, inner.field
+            dtype = dtype or ref.dtype
+        else:
+            chain, ref = self.transforms, self.transforms[0].translation
             # as the general path: the parameters' precision wins (float64 parameters give
             # float64 coordinates, which a line search such as L-BFGS's needs)
             dtype = ref.dtype if dtype is None else torch.promote_types(dtype, ref.dtype)
-            m = source.matrix("world", "norm", dtype=torch.float64, device=ref.device)
-            for t in self.transforms:
-                m = m @ t.matrix().to(torch.float64)
-            m = (m @ target.matrix("index", "world", dtype=torch.float64, device=ref.device)).to(dtype)
-            return affine_field_points(m, m[: self.ndim, : self.ndim], None, target.shape)
-        return super().source_norm_points(target, source, dtype)
+        # the matrix product in float64 (rounded once to ``dtype``), so that grids and
+        # transforms that cancel (an integer shift) stay exact in float32 coordinates
+        wide = torch.promote_types(dtype, torch.float64)
+        m = source.matrix("world", "norm", dtype=wide, device=ref.device)
+        for t in chain:
+            m = m @ t.matrix().to(wide)
+        d = self.ndim
+        full = m @ target.matrix("index", "world", dtype=wide, device=ref.device)
+        field = inner.field.to(dtype) if field_inner else None
+        return affine_field_points(full.to(dtype), m[:d, :d].to(dtype), field, target.shape)
 
     def inverse(self) -> "Compose":
         return Compose(*[t.inverse() for t in reversed(self.transforms)])
