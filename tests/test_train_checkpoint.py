@@ -110,3 +110,28 @@ def test_resume_continues_the_step_count_and_the_loss_trajectory(slice_file, tmp
     cfg["resume"] = str(part_dir / "last.pt")
     with pytest.raises(InputError, match="already trained for 10 steps"):
         train(config_from_dict(cfg), quiet=True)
+
+
+def test_initial_weights_start_a_fresh_run_from_trained_weights(slice_file, tmp_path):
+    """Fine-tuning: the new run starts at step 0 from the given weights (its first loss is the
+    trained model's, well below a fresh model's), with its own optimiser and schedule."""
+    base = train(config_from_dict(tiny(slice_file, tmp_path / "base", steps=10)), quiet=True)
+    fresh = train(config_from_dict(tiny(slice_file, tmp_path / "fresh", steps=1, lr=1e-12)), quiet=True)
+    cfg = tiny(slice_file, tmp_path / "tuned", steps=1, lr=1e-12, warmup=0)
+    cfg["initial_weights"] = str(tmp_path / "base" / "last.pt")
+    tuned = train(config_from_dict(cfg), quiet=True)
+    assert tuned.step == 1 and [r["step"] for r in tuned.history] == [1]
+    trained = torch.load(tmp_path / "base" / "last.pt", weights_only=True)["state_dict"]
+    after = torch.load(tmp_path / "tuned" / "last.pt", weights_only=True)["state_dict"]
+    for k, v in trained.items():  # a step of lr 1e-12 leaves the initial weights (to 1e-9)
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-9)
+    assert tuned.history[0]["loss"] < fresh.history[0]["loss"]
+    assert base.step == 10
+    # a bundled model's name is accepted; a model that does not fit and resume + initial are errors
+    cfg["initial_weights"] = "brain2d"
+    cfg["train"]["out_dir"] = str(tmp_path / "other")
+    with pytest.raises(InputError, match="do not fit the configured model"):
+        train(config_from_dict(cfg), quiet=True)
+    cfg["resume"] = str(tmp_path / "base" / "last.pt")
+    with pytest.raises(InputError, match="not both"):
+        config_from_dict(cfg)

@@ -105,7 +105,7 @@ def test_unknown_keys_are_named_with_the_valid_ones(slice_files, tmp_path):
     data = base_config(slice_files, tmp_path / "run")
     bad = copy.deepcopy(data)
     bad["trian"] = {}
-    with pytest.raises(InputError, match=r"unknown key\(s\) trian; valid keys: data, loss"):
+    with pytest.raises(InputError, match=r"unknown key\(s\) trian; valid keys: data, initial_weights, loss"):
         config_from_dict(bad)
     bad = copy.deepcopy(data)
     bad["train"]["stepz"] = 3

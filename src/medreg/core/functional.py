@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import torch
@@ -67,17 +69,26 @@ def jacobian_det(displacement: Tensor, grid: Grid) -> Tensor:
     return torch.linalg.det(jac.movedim(1, -1).movedim(1, -1))
 
 
+@functools.lru_cache(maxsize=256)
+def gaussian_weights(sigma: float, truncate: float = 3.0) -> tuple[float, ...]:
+    """Normalised 1D Gaussian weights with ``sigma`` in voxels (odd length, float64; cached)."""
+    radius = max(1, int(truncate * sigma + 0.5))
+    s = max(float(sigma), 1e-8)
+    k = [math.exp(-0.5 * (i / s) ** 2) for i in range(-radius, radius + 1)]
+    total = math.fsum(k)
+    return tuple(v / total for v in k)
+
+
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0, *, dtype=torch.float32,
                       device=None) -> Tensor:
     """Normalised 1D Gaussian kernel with ``sigma`` in voxels (odd length)."""
-    radius = max(1, int(truncate * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    k = torch.exp(-0.5 * (x / max(sigma, 1e-8)) ** 2)
-    return k / k.sum()
+    return torch.tensor(gaussian_weights(float(sigma), float(truncate)), dtype=dtype, device=device)
 
 
-def separable_filter(x: Tensor, kernels: Sequence[Tensor | None], padding: str = "replicate") -> Tensor:
-    """Filter ``(N, C, *shape)`` with one 1D kernel per axis (``(x, y, z)`` order; None skips).
+def separable_filter(x: Tensor, kernels: Sequence[Tensor | Sequence[float] | None],
+                     padding: str = "replicate") -> Tensor:
+    """Filter ``(N, C, *shape)`` with one 1D kernel per axis (``(x, y, z)`` order; None skips;
+    a tensor or a sequence of weights).
 
     Correlation with ``padding`` (an :func:`torch.nn.functional.pad` mode) at the borders. Each
     pass is a weighted sum of shifted views of the padded tensor (symmetric kernels add each
@@ -87,23 +98,25 @@ def separable_filter(x: Tensor, kernels: Sequence[Tensor | None], padding: str =
     d = x.dim() - 2
     out = x
     for comp, k in enumerate(kernels):
-        if k is None or k.numel() == 1:
+        if k is None:
+            continue
+        w = k.detach().to("cpu", torch.float64).tolist() if isinstance(k, Tensor) else list(k)
+        if len(w) == 1:
             continue
         axis = 2 + d - 1 - comp  # tensor dimension of this component's axis
-        r = k.numel() // 2
+        r = len(w) // 2
         pad = [0] * (2 * d)
         # F.pad lists the last axis first
         pad[2 * (x.dim() - 1 - axis)] = r
         pad[2 * (x.dim() - 1 - axis) + 1] = r
         padded = F.pad(out, pad, mode=padding)
         n = out.shape[axis]
-        w = k.detach().to("cpu", torch.float64).tolist()
         acc = padded.narrow(axis, r, n) * w[r]
         if w == w[::-1]:
             for j in range(r):
                 acc = acc.add_(padded.narrow(axis, j, n) + padded.narrow(axis, 2 * r - j, n), alpha=w[j])
         else:
-            for j in range(k.numel()):
+            for j in range(len(w)):
                 if j != r:
                     acc = acc.add_(padded.narrow(axis, j, n), alpha=w[j])
         out = acc
@@ -114,8 +127,7 @@ def gaussian_smooth(x: Tensor, sigma_mm: float | Sequence[float], spacing: Seque
     """Gaussian smoothing of ``(N, C, *shape)`` with ``sigma`` in mm (per axis ``x, y, z``)."""
     d = x.dim() - 2
     sig = [float(sigma_mm)] * d if isinstance(sigma_mm, (int, float)) else list(sigma_mm)
-    kernels = [gaussian_kernel1d(s / sp, dtype=x.dtype, device=x.device) if s > 0 else None
-               for s, sp in zip(sig, spacing)]
+    kernels = [gaussian_weights(float(s / sp)) if s > 0 else None for s, sp in zip(sig, spacing)]
     return separable_filter(x, kernels)
 
 

@@ -7,9 +7,8 @@ change distances because they are orthonormal):
   (6-neighbourhood in 3D, 4 in 2D) outside the mask; voxels on the image border count as
   surface (outside the image is background).
 * The **directed distances** ``d(∂A → ∂B)`` are, for each surface voxel of ``A``, the Euclidean
-  distance between its centre and the nearest surface-voxel centre of ``B`` (an exact Euclidean
-  distance transform, :func:`scipy.ndimage.distance_transform_edt` with ``sampling=`` the
-  spacing in tensor axis order).
+  distance between its centre and the nearest surface-voxel centre of ``B`` (exact: a k-d tree,
+  :class:`scipy.spatial.cKDTree`, over the surface-voxel centres scaled by the spacing).
 * **HD95** = ``max(P95(d(∂A → ∂B)), P95(d(∂B → ∂A)))``: the larger of the two directed 95th
   percentiles. This is the robust Hausdorff distance of Learn2Reg's evaluation
   (``compute_robust_hausdorff(..., 95)`` of DeepMind's ``surface-distance`` package, called by
@@ -32,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
+import torch
 from torch import Tensor
 
 __all__ = ["surface", "surface_distances", "surface_metrics", "hd95", "hausdorff", "assd"]
@@ -90,14 +91,14 @@ def surface_distances(a: np.ndarray | Tensor, b: np.ndarray | Tensor,
     na, nb = int(sa.sum()), int(sb.sum())
     if na == 0 or nb == 0:
         return np.full(na, np.inf), np.full(nb, np.inf)
-    # crop to the union bounding box (+1 voxel, clipped): distances between the two surfaces
-    # never leave it, and the erosion above was done on the full image (border semantics kept)
-    idx = np.nonzero(sa | sb)
-    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
-    sa_c, sb_c = sa[box], sb[box]
-    dist_to_b = ndimage.distance_transform_edt(~sb_c, sampling=sampling)
-    dist_to_a = ndimage.distance_transform_edt(~sa_c, sampling=sampling)
-    return dist_to_b[sa_c].astype(np.float64), dist_to_a[sb_c].astype(np.float64)
+    # nearest surface voxel of the other mask by a k-d tree over the surface-voxel centres in mm
+    # (the same exact Euclidean distances as a distance transform, about twice as fast on brain
+    # labels: only surface voxels are visited)
+    scale = np.asarray(sampling, dtype=np.float64)
+    pa, pb = np.argwhere(sa) * scale, np.argwhere(sb) * scale
+    d_ab = cKDTree(pb).query(pa, workers=torch.get_num_threads())[0]
+    d_ba = cKDTree(pa).query(pb, workers=torch.get_num_threads())[0]
+    return np.asarray(d_ab, dtype=np.float64), np.asarray(d_ba, dtype=np.float64)
 
 
 def surface_metrics(a: np.ndarray | Tensor, b: np.ndarray | Tensor,

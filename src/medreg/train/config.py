@@ -22,7 +22,8 @@ A config has six top-level keys::
       bidirectional: false
       level_weights: 1.0
     train: {steps: 1000, batch_size: 1, lr: 1.0e-4, out_dir: runs/example, ...}
-    resume: null
+    resume: null                 # a run's last.pt/best.pt: continue it (weights, optimiser, step)
+    initial_weights: null        # a checkpoint or bundled model: start from its weights (fine-tuning)
 
 Relative paths are resolved against the folder of the config file. Unknown keys are errors that
 list the valid keys; missing input files are errors when the config is read, before training.
@@ -584,7 +585,9 @@ class TrainParams:
 # ----------------------------------------------------------------------------- the whole config
 @dataclass
 class TrainConfig:
-    """A training run: ``seed``, ``model``, ``data``, ``loss``, ``train``, ``resume``."""
+    """A training run: ``seed``, ``model``, ``data``, ``loss``, ``train``, ``resume``,
+    ``initial_weights`` (fine-tuning: the weights of a checkpoint or bundled model, a fresh
+    optimiser and schedule, step 0)."""
 
     model: ModelConfig
     data: DataConfig
@@ -592,12 +595,14 @@ class TrainConfig:
     train: TrainParams = field(default_factory=TrainParams)
     seed: int = 0
     resume: str | None = None
+    initial_weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, in the YAML format (``config_from_dict(cfg.to_dict())`` rebuilds it)."""
         return {"seed": self.seed, "model": self.model.to_dict(), "data": self.data.to_dict(),
                 "loss": copy.deepcopy(dataclasses.asdict(self.loss)),
-                "train": self.train.to_dict(), "resume": self.resume}
+                "train": self.train.to_dict(), "resume": self.resume,
+                "initial_weights": self.initial_weights}
 
 
 def config_from_dict(data: Mapping[str, Any], where: str = "config",
@@ -629,7 +634,18 @@ def config_from_dict(data: Mapping[str, Any], where: str = "config",
     resume = _resolve(data.get("resume"), base)
     if resume is not None:
         _check_path(resume, f"{where}: resume")
-    return TrainConfig(model=model, data=dcfg, loss=loss, train=params, seed=seed, resume=resume)
+    initial = data.get("initial_weights")
+    if initial is not None:
+        from medreg.train.checkpoint import resolve_checkpoint
+
+        if resume is not None:
+            raise InputError(f"{where}: give either resume (continue a run) or initial_weights "
+                             "(start a new run from trained weights), not both")
+        text = str(initial)
+        bundled_name = "/" not in text and os.sep not in text and not text.endswith(".pt")
+        initial = str(resolve_checkpoint(text if bundled_name else _resolve(text, base)))
+    return TrainConfig(model=model, data=dcfg, loss=loss, train=params, seed=seed, resume=resume,
+                       initial_weights=initial)
 
 
 def load_train_config(path: str | os.PathLike) -> TrainConfig:

@@ -424,6 +424,14 @@ def _train(cfg: TrainConfig, info: DistInfo, train_data: Dataset | None,
     es = t.early_stopping
     step, best, bad = 0, None, 0
     resume_state = None
+    if cfg.initial_weights is not None:
+        init_state, ipath = read_checkpoint(cfg.initial_weights, "cpu")
+        try:
+            model.load_state_dict(init_state["state_dict"])
+        except (RuntimeError, KeyError) as exc:
+            raise InputError(f"{ipath}: its weights do not fit the configured model "
+                             f"({str(exc).splitlines()[0]}); initial_weights needs the same "
+                             "network settings") from None
     if cfg.resume is not None:
         resume_state, rpath = read_checkpoint(cfg.resume, "cpu")
         try:
