@@ -139,3 +139,24 @@ def test_greedy_force_sums_over_channels():
     both = step.force(image, dloss)
     apart = step.force(image[:, :1], dloss[:, :1]) + step.force(image[:, 1:], dloss[:, 1:])
     assert torch.allclose(both, apart, atol=1e-6)
+
+
+def test_engine_adam_equals_torch_adam_step_for_step():
+    """medreg's Adam (kept to avoid torch.optim's first-import cost) is torch.optim.Adam's update."""
+    from medreg.engine.adam import Adam
+
+    torch.manual_seed(0)
+    target = torch.randn(3, 4, dtype=torch.float64)
+    a = torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64))
+    ours, ref = Adam([a], lr=0.05), torch.optim.Adam([b], lr=0.05)
+    for _ in range(25):
+        for p, opt in ((a, ours), (b, ref)):
+            def closure(p=p, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss = ((p - target) ** 4).sum() + (p * target).sin().sum()
+                loss.backward()
+                return loss
+            opt.step(closure)
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-14)
+    assert not torch.equal(a.detach(), torch.zeros(3, 4, dtype=torch.float64))

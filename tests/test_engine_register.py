@@ -209,3 +209,14 @@ def test_multimodal_preset_recovers_a_deformation_across_contrasts(slice2d):
     epe, before = head_endpoint_errors(slice2d, res.transform, truth)
     assert before > 1.0 * min(g.spacing)
     assert epe < 0.35 * before, (epe, before)  # measured 0.62 vs 3.09 mm
+
+
+def test_lbfgs_stops_when_a_restart_makes_no_progress(slice2d):
+    """An L-BFGS step that leaves the loss unchanged restarts the curvature memory; a second
+    one in a row ends the level (here at the optimum: the image against itself)."""
+    cfg = config_from_dict({"initialisation": "none", "stages": [
+        {"type": "rigid", "levels": [1], "optimizer": "lbfgs", "iterations": [50], "lr": 1.0,
+         "similarity": {"name": "ssd"}, "tolerance": 0}]})
+    res = medreg.register(slice2d, slice2d, config=cfg)
+    assert res.history[0]["iterations"] <= 3
+    assert corners_error(res.transform, RigidTransform(2, dtype=torch.float64), slice2d.grid) < 1e-6

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import torch
@@ -71,12 +70,13 @@ def jacobian_det(displacement: Tensor, grid: Grid) -> Tensor:
 
 @functools.lru_cache(maxsize=256)
 def gaussian_weights(sigma: float, truncate: float = 3.0) -> tuple[float, ...]:
-    """Normalised 1D Gaussian weights with ``sigma`` in voxels (odd length, float64; cached)."""
+    """Normalised 1D Gaussian weights with ``sigma`` in voxels (odd length; cached). Computed
+    in float32 as the kernels always were: L-BFGS line searches on the smoothed pyramid levels
+    can take other paths when the weights change in the last bits."""
     radius = max(1, int(truncate * sigma + 0.5))
-    s = max(float(sigma), 1e-8)
-    k = [math.exp(-0.5 * (i / s) ** 2) for i in range(-radius, radius + 1)]
-    total = math.fsum(k)
-    return tuple(v / total for v in k)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / max(float(sigma), 1e-8)) ** 2)
+    return tuple((k / k.sum()).to(torch.float64).tolist())
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0, *, dtype=torch.float32,

@@ -52,7 +52,7 @@ class Grid:
         GeometryError: on non-positive size or spacing, or a direction that is not orthonormal.
     """
 
-    __slots__ = ("_size", "_spacing", "_origin", "_direction")
+    __slots__ = ("_size", "_spacing", "_origin", "_direction", "_frames")
 
     def __init__(
         self,
@@ -94,6 +94,8 @@ class Grid:
         self._spacing = spacing_t
         self._origin = origin_t
         self._direction = dmat
+        #: cache of the read-only frame matrices (a grid never changes after construction)
+        self._frames: dict = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -168,7 +170,15 @@ class Grid:
         )
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Grid) and self.allclose(other, atol=1e-6)
+        if other is self:
+            return True
+        if not isinstance(other, Grid):
+            return False
+        if (self._size == other._size and self._spacing == other._spacing
+                and self._origin == other._origin
+                and np.array_equal(self._direction, other._direction)):
+            return True
+        return self.allclose(other, atol=1e-6)
 
     def __hash__(self) -> int:
         return hash(self._size)
@@ -180,8 +190,18 @@ class Grid:
                 f"orientation={self.orientation()})")
 
     # ------------------------------------------------------------------ frames
-    def _affine(self, frame: Frame) -> np.ndarray:
-        """Homogeneous matrix ``index_from_<frame>`` in float64."""
+    def _affine(self, frame: Frame, inverse: bool = False) -> np.ndarray:
+        """Homogeneous matrix ``index_from_<frame>`` (``<frame>_from_index`` with ``inverse``)
+        in float64, read-only (computed once per grid)."""
+        key = (frame, inverse)
+        m = self._frames.get(key)
+        if m is None:
+            m = np.linalg.inv(self._affine(frame)) if inverse else self._index_from(frame)
+            m.setflags(write=False)
+            self._frames[key] = m
+        return m
+
+    def _index_from(self, frame: Frame) -> np.ndarray:
         d = self.ndim
         m = np.eye(d + 1)
         if frame is Frame.INDEX:
@@ -212,9 +232,9 @@ class Grid:
         if other is self:
             dst_index_from_src_index = np.eye(self.ndim + 1)
         else:
-            world_from_index_self = np.linalg.inv(self._affine(Frame.WORLD))
+            world_from_index_self = self._affine(Frame.WORLD, inverse=True)
             dst_index_from_src_index = other._affine(Frame.WORLD) @ world_from_index_self
-        dst_from_dst_index = np.linalg.inv(other._affine(dst))
+        dst_from_dst_index = other._affine(dst, inverse=True)
         return dst_from_dst_index @ dst_index_from_src_index @ index_from_src
 
     def matrix(self, from_frame: Frame | str, to_frame: Frame | str,

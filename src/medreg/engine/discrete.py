@@ -54,6 +54,7 @@ from torch import Tensor
 from medreg.core.errors import InputError
 from medreg.core.functional import gaussian_smooth, smooth_voxels
 from medreg.core.grid import Grid
+from medreg.engine.adam import Adam
 from medreg.core.image import Image
 from medreg.transforms import DisplacementField, Identity, SpatialTransform, warp_image
 from medreg.transforms import functional as TF
@@ -790,7 +791,7 @@ def instance_optimise(fixed_feat: Tensor, moving_feat: Tensor, init_disp: Tensor
     u = torch.nn.Parameter(init_disp.detach().clone().to(torch.float32))
     if params.io_iterations == 0:
         return u.detach()
-    opt = torch.optim.Adam([u], lr=params.io_lr)
+    opt = Adam([u], lr=params.io_lr)
     ff = fixed_feat.detach()
     src = moving_feat.detach().to(ff.dtype)
     nc = src.shape[1]

@@ -22,6 +22,7 @@ from medreg.core.errors import InputError
 from medreg.core.functional import smooth_voxels
 from medreg.core.grid import Grid
 from medreg.core.image import Image
+from medreg.engine.adam import Adam
 from medreg.engine.config import RegistrationConfig, StageConfig
 from medreg.engine.initialise import initial_transform
 from medreg.engine.progress import Progress
@@ -197,11 +198,16 @@ def _optimise(params: list[nn.Parameter], closure: Callable[[], Tensor], stage: 
     """Run ``iterations`` optimiser steps; returns (steps done, first loss, last loss)."""
     converged = _Converged(stage.tolerance, stage.patience)
     first = last = float("nan")
-    if stage.optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
-    else:
-        opt = torch.optim.Adam(params, lr=lr)
-    steps = 0
+    lbfgs = stage.optimizer == "lbfgs"
+
+    def make() -> Any:
+        if lbfgs:
+            return torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=20,
+                                     line_search_fn="strong_wolfe")
+        return Adam(params, lr=lr)  # torch.optim.Adam's update without its ~1 s first import
+
+    opt = make()
+    steps, stalled = 0, 0
     for it in range(iterations):
         def step_closure() -> Tensor:
             opt.zero_grad(set_to_none=True)
@@ -219,6 +225,16 @@ def _optimise(params: list[nn.Parameter], closure: Callable[[], Tensor], stage: 
             with torch.no_grad():
                 after_step()
         value = float(loss.detach())
+        if lbfgs:
+            # L-BFGS reports the loss before its step: an unchanged value means the line search
+            # made no progress (float32 losses are noisy at that scale) and the same curvature
+            # memory would stall every later step; restart from steepest descent, and stop
+            # when a fresh start makes no progress either
+            stalled = stalled + 1 if it > 0 and value >= last else 0
+            if stalled >= 2:
+                break
+            if stalled:
+                opt = make()
         first = value if it == 0 else first
         last = value
         steps = it + 1

@@ -23,6 +23,7 @@ import torch
 from medreg.core.errors import InputError
 from medreg.core.image import Image
 from medreg.engine import RegistrationResult, initial_transform, load_preset, run_registration
+from medreg.engine.adam import Adam
 from medreg.transforms import Compose, Identity, SpatialTransform, warp_image
 from medreg.train.preprocess import PreprocessConfig, network_grid, prediction_transform, prepare_image
 
@@ -144,7 +145,7 @@ def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Ten
     p = torch.nn.Parameter(init.detach().clone().float())
     field = (lambda v: integrate_velocity(v, integrate_steps)) if integrate_steps > 0 else (lambda u: u)
     batch = PairBatch(fixed=fixed.float(), moving=moving.float(), grids=[grid])
-    opt = torch.optim.Adam([p], lr=float(lr))
+    opt = Adam([p], lr=float(lr))
     with torch.enable_grad():
         for _ in range(int(steps)):
             opt.zero_grad(set_to_none=True)
