@@ -54,8 +54,8 @@ from torch import Tensor
 from medreg.core.errors import InputError
 from medreg.core.functional import gaussian_smooth, smooth_voxels
 from medreg.core.grid import Grid
-from medreg.engine.adam import Adam
 from medreg.core.image import Image
+from medreg.engine.adam import Adam
 from medreg.transforms import DisplacementField, Identity, SpatialTransform, warp_image
 from medreg.transforms import functional as TF
 

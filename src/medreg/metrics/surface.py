@@ -96,8 +96,9 @@ def surface_distances(a: np.ndarray | Tensor, b: np.ndarray | Tensor,
     # labels: only surface voxels are visited)
     scale = np.asarray(sampling, dtype=np.float64)
     pa, pb = np.argwhere(sa) * scale, np.argwhere(sb) * scale
-    d_ab = cKDTree(pb).query(pa, workers=torch.get_num_threads())[0]
-    d_ba = cKDTree(pa).query(pb, workers=torch.get_num_threads())[0]
+    workers = torch.get_num_threads()
+    d_ab = cKDTree(pb).query(pa, workers=workers)[0]
+    d_ba = cKDTree(pa).query(pb, workers=workers)[0]
     return np.asarray(d_ab, dtype=np.float64), np.asarray(d_ba, dtype=np.float64)
 
 

@@ -149,11 +149,16 @@ def bundled_models() -> list[str]:
         return []
 
 
+def is_bare_name(path_or_name: str | os.PathLike) -> bool:
+    """True for a bundled model's name form: no folder and no ``.pt`` suffix."""
+    text = str(path_or_name)
+    return os.sep not in text and "/" not in text and not text.endswith(".pt")
+
+
 def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     """A checkpoint file: a path, or a bare name (no folder, no ``.pt``) of a bundled model."""
     text = str(path_or_name)
-    bare = os.sep not in text and "/" not in text and not text.endswith(".pt")
-    if bare and not Path(text).is_file():
+    if is_bare_name(text) and not Path(text).is_file():
         names = bundled_models()
         if text not in names:
             raise InputError(f"unknown model {text!r}; bundled models: {', '.join(names) or 'none'} "

@@ -636,14 +636,13 @@ def config_from_dict(data: Mapping[str, Any], where: str = "config",
         _check_path(resume, f"{where}: resume")
     initial = data.get("initial_weights")
     if initial is not None:
-        from medreg.train.checkpoint import resolve_checkpoint
+        from medreg.train.checkpoint import is_bare_name, resolve_checkpoint
 
         if resume is not None:
             raise InputError(f"{where}: give either resume (continue a run) or initial_weights "
                              "(start a new run from trained weights), not both")
         text = str(initial)
-        bundled_name = "/" not in text and os.sep not in text and not text.endswith(".pt")
-        initial = str(resolve_checkpoint(text if bundled_name else _resolve(text, base)))
+        initial = str(resolve_checkpoint(text if is_bare_name(text) else _resolve(text, base)))
     return TrainConfig(model=model, data=dcfg, loss=loss, train=params, seed=seed, resume=resume,
                        initial_weights=initial)
 
