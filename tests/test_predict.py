@@ -136,6 +136,21 @@ def test_initial_alignment_and_instance_optimisation_recover_a_shift(pair2d, tmp
         medreg.predict(ckpt, fixed, moving, instance_steps=2, instance_method="lbfgs")
 
 
+def test_greedy_instance_settings_follow_the_fast_preset():
+    """Greedy refinement takes the fast preset's greedy stage unless overridden, and refuses a
+    regularisation it would not apply (it regularises by smoothing)."""
+    from medreg.engine import load_preset
+    from medreg.train.predict import INSTANCE_DEFAULTS, greedy_settings
+
+    stage = next(s for s in load_preset("fast").stages if s.type == "greedy")
+    got = greedy_settings(dict(INSTANCE_DEFAULTS))
+    assert got == {"similarity": stage.similarity, "greedy_lr": stage.lr,
+                   "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing}
+    assert greedy_settings({**INSTANCE_DEFAULTS, "gradient_sigma": 2.5})["gradient_sigma"] == 2.5
+    with pytest.raises(InputError, match="smoothing only"):
+        greedy_settings({**INSTANCE_DEFAULTS, "regularisation": {"diffusion": 1.0}})
+
+
 def test_checkpoint_round_trip_and_model_resolution(tmp_path):
     ckpt = checkpoint(tmp_path / "m.pt", shift=(0.25, 1.0), orientation="RA", initialisation="geometry")
     loaded = load_checkpoint(ckpt)

@@ -71,13 +71,28 @@ def initial_alignment(fixed: Image, moving: Image, method: str) -> SpatialTransf
 
 
 #: defaults of instance optimisation (``instance`` overrides them). ``method``: ``greedy`` (the
-#: ``fast`` preset's compositional LNCC updates on the network grid: on the bundled models' benchmark
+#: ``fast`` preset's compositional updates on the network grid: on the bundled models' benchmark
 #: pairs it beat 50 Adam steps, e.g. brain3d 0.716 vs 0.687 in 7 s vs 22 s) or ``adam`` (steps on
 #: the model's own training similarity and regularisers, its velocity for diffeomorphic models).
+#: Greedy settings left ``None`` (``similarity``, ``greedy_lr``, ``gradient_sigma``,
+#: ``field_smoothing``) take the values of the ``fast`` preset's greedy stage; greedy regularises by
+#: smoothing only, so ``regularisation`` is for ``adam``.
 INSTANCE_DEFAULTS = {"method": "greedy", "lr": 0.2, "similarity": None, "regularisation": None,
-                     "integrate_steps": 4, "greedy_lr": 0.25, "gradient_sigma": 1.7,
-                     "field_smoothing": 0.35}
+                     "integrate_steps": 4, "greedy_lr": None, "gradient_sigma": None,
+                     "field_smoothing": None}
 INSTANCE_METHODS = ("adam", "greedy")
+
+
+def greedy_settings(opts: dict[str, Any]) -> dict[str, Any]:
+    """``opts``' greedy settings, each ``None`` replaced by the ``fast`` preset's greedy stage value."""
+    if opts.get("regularisation"):
+        raise InputError("greedy instance optimisation regularises by smoothing only: set "
+                         "gradient_sigma (update) and field_smoothing (total field), or use "
+                         "method: adam for regularisation")
+    stage = next(s for s in load_preset("fast").stages if s.type == "greedy")
+    preset = {"similarity": dict(stage.similarity), "greedy_lr": stage.lr,
+              "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing}
+    return {k: preset[k] if opts.get(k) is None else opts[k] for k in preset}
 
 
 def instance_greedy(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tensor, grid: Any,
@@ -171,7 +186,7 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         instance: overrides of :data:`INSTANCE_DEFAULTS` (``lr``, ``similarity``,
             ``regularisation``).
         regularisation: regulariser weight for a conditional network (it also scales the
-            regularisers of instance optimisation).
+            regularisers of ``adam`` instance optimisation; ``greedy`` smooths instead).
         train_config: the model's training config (its loss drives instance optimisation).
 
     Returns:
@@ -210,9 +225,9 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
             raise InputError(f"unknown instance-optimisation method {opts['method']!r}; choose one "
                              f"of {', '.join(INSTANCE_METHODS)}")
         if opts["method"] == "greedy":
-            sim = opts["similarity"] or {"name": "lncc", "window": 9}
-            u = instance_greedy(f, m, u, grid, sim, instance_steps, opts["greedy_lr"],
-                                opts["gradient_sigma"], opts["field_smoothing"])
+            g = greedy_settings(opts)
+            u = instance_greedy(f, m, u, grid, g["similarity"], instance_steps, g["greedy_lr"],
+                                g["gradient_sigma"], g["field_smoothing"])
         else:
             loss = instance_loss(train_config or {}, opts).to(dev)
             steps = int(getattr(net, "integrate_steps", 0) or 0) if out.velocity is not None else 0
