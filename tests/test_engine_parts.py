@@ -121,7 +121,6 @@ def test_greedy_stage_rejects_settings_it_would_ignore():
 
     base = {"type": "greedy", "levels": [2], "iterations": 5}
     for extra, match in (({"regularisation": {"diffusion": 1.0}}, "smoothing"),
-                         ({"symmetric": True}, "symmetric"),
                          ({"optimizer": "lbfgs"}, "optimizer"),
                          ({"lr": 0.0}, "must be > 0"),
                          ({"field_smoothing": -1.0}, "must be > 0")):

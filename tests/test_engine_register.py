@@ -178,7 +178,9 @@ def test_discrete_stage_through_the_driver(slice2d):
         config_from_dict({"stages": [{"type": "discrete", "discrete": {"radius_mmm": 3}}]})
 
 
-def test_greedy_stage_recovers_a_known_smooth_deformation(slice2d):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_greedy_stage_recovers_a_known_smooth_deformation(slice2d, symmetric):
+    """Plain and symmetric (midpoint, as SyN) greedy updates recover a known bump."""
     g = slice2d.grid
     x = g.points(dtype=torch.float64) - torch.tensor(g.center(), dtype=torch.float64)
     bump = torch.exp(-x.square().sum(-1) / (2 * 35.0 ** 2))       # a smooth 10 mm bump
@@ -187,7 +189,8 @@ def test_greedy_stage_recovers_a_known_smooth_deformation(slice2d):
     moving = warp_image(slice2d, truth.inverse(), g)
     cfg = config_from_dict({"initialisation": "none", "stages": [
         {"type": "greedy", "levels": [2, 1], "iterations": [100, 60], "lr": 0.25,
-         "similarity": {"name": "lncc", "window": 7}, "gradient_sigma": 1.5, "tolerance": 0}]})
+         "similarity": {"name": "lncc", "window": 7}, "gradient_sigma": 1.5, "tolerance": 0,
+         "symmetric": symmetric}]})
     res = medreg.register(slice2d, moving, config=cfg)
     epe, before = head_endpoint_errors(slice2d, res.transform, truth)
     assert before > 1.0 * min(g.spacing)

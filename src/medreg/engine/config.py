@@ -54,7 +54,8 @@ class StageConfig:
         smoothing: Gaussian σ in mm of the image pyramid per level (default ``0.5·factor·spacing``).
         control_spacing: B-spline control-point spacing in mm.
         steps: scaling-and-squaring steps (SVF).
-        symmetric: SVF: warp both images to the midpoint (inverse-consistent).
+        symmetric: SVF and greedy: warp both images to the midpoint (SVF: inverse-consistent;
+            greedy: as ANTs' SyN, each image's field carries half of the deformation).
         gradient_sigma: Gaussian σ (voxels of the level) applied to the gradient of dense fields
             before each step (a "fluid-like" smoothing hook; 0 disables). Greedy: of the force.
         field_smoothing: Gaussian σ (voxels) applied to dense fields after each step
@@ -113,8 +114,6 @@ class StageConfig:
         elif self.discrete:
             raise InputError(f"stage {self.type}: 'discrete' settings apply to type: discrete only")
         if self.type == "greedy":
-            if self.symmetric:
-                raise InputError("stage greedy: symmetric mode is not available; use an svf stage")
             if self.regularisation:
                 raise InputError("stage greedy: regularises by smoothing only; set gradient_sigma "
                                  "(update) and field_smoothing (total field) instead of regularisation")

@@ -319,11 +319,12 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
                 fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
                 earlier: list[SpatialTransform], progress: Progress, history: list,
                 cache: dict | None = None) -> DisplacementField:
-    from medreg.engine.greedy import GreedyStep, greedy_level
+    from medreg.engine.greedy import GreedyStep, greedy_level, greedy_level_symmetric, symmetric_displacement
 
     sim = build_similarity(stage.similarity)
     prefix = linear if not earlier else Compose(linear, *earlier)
     u: Tensor | None = None
+    a: Tensor | None = None  # symmetric: midpoint → fixed (u is then midpoint → moving)
     u_grid: Grid | None = None
     for li, factor in enumerate(stage.levels):
         sigma = None if stage.smoothing is None else stage.smoothing[li]
@@ -331,6 +332,8 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
         grid = level.fixed.grid
         dev = level.fixed.data.device
         u = torch.zeros(1, grid.ndim, *grid.shape, device=dev) if u is None else resample_field(u, u_grid, grid)
+        if stage.symmetric:
+            a = torch.zeros_like(u) if a is None else resample_field(a, u_grid, grid)
         u_grid = grid
         step = GreedyStep(grid, stage.lr if stage.lr is not None else 0.25, stage.gradient_sigma,
                           stage.field_smoothing, device=dev)
@@ -345,13 +348,28 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
         def loss_fn(fdata: Tensor, warped: Tensor, t: SpatialTransform, level: _Level = level) -> Tensor:
             return _similarity(sim, level, warped, t, fixed_data=fdata)
 
-        u, steps, first, last = greedy_level(u, step, prefix, level.fixed.batch(), level.moving.batch(),
-                                             level.moving.grid, loss_fn, stage.iterations[li], report)
+        def sym_loss(wf: Tensor, wm: Tensor, tf: SpatialTransform, tm: SpatialTransform,
+                     level: _Level = level) -> Tensor:
+            masks = [None if mask is None else
+                     warp_image(mask, t, level.fixed.grid, g, padding="zeros", precise=False)
+                     for mask, t, g in ((level.fixed_mask, tf, level.fixed.grid),
+                                        (level.moving_mask, tm, level.moving.grid))]
+            return sim(wf, wm, fixed_mask=masks[0], moving_mask=masks[1])
+
+        if stage.symmetric:
+            a, u, steps, first, last = greedy_level_symmetric(
+                a, u, step, prefix, level.fixed.batch(), level.moving.batch(), level.moving.grid,
+                sym_loss, stage.iterations[li], report)
+        else:
+            u, steps, first, last = greedy_level(u, step, prefix, level.fixed.batch(), level.moving.batch(),
+                                                 level.moving.grid, loss_fn, stage.iterations[li], report)
         progress.end(last)
         history.append({"stage": si + 1, "type": stage.type, "factor": factor, "iterations": steps,
                         "loss_first": first, "loss_last": last,
                         "seconds": round(time.perf_counter() - t_level, 3)})
     with torch.no_grad():
+        if stage.symmetric:
+            u = symmetric_displacement(a, u, u_grid)
         return DisplacementField(resample_field(u, u_grid, fixed.grid), fixed.grid)
 
 
