@@ -250,7 +250,8 @@ def _tag(method: str, pair: Pair, a: argparse.Namespace) -> str | None:
         return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
     if method == "predict":
         io = f"+{a.instance_method or 'io'}{a.instance_steps}" if a.instance_steps else ""
-        return f"{Path(a.model).stem}{io}"
+        passes = f"x{a.passes}" if a.passes > 1 else ""
+        return f"{Path(a.model).stem}{passes}{io}"
     return None
 
 
@@ -258,6 +259,8 @@ def _command(method: str, pair: Pair, out: Path, a: argparse.Namespace) -> list[
     if method == "predict":
         cmd = [sys.executable, "-m", "medreg", "predict", a.model, pair.fixed, pair.moving, "-o",
                str(out), "--threads", str(a.threads), "--seed", str(a.seed), "--quiet", "--overwrite"]
+        if a.passes > 1:
+            cmd += ["--passes", str(a.passes)]
         if a.instance_steps:
             cmd += ["--instance-steps", str(a.instance_steps)]
             if a.instance_method:
@@ -531,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset-for", action="append", default=[], metavar="DATASET=PRESET")
     ap.add_argument("--model", default="brain3d", help="method predict: bundled model or checkpoint")
     ap.add_argument("--instance-steps", type=int, default=0, help="method predict: instance optimisation")
+    ap.add_argument("--passes", type=int, default=1, help="method predict: network passes")
     ap.add_argument("--instance-method", default=None, choices=["adam", "greedy"],
                     help="method predict: instance optimisation method (default: medreg's)")
     ap.add_argument("--initialisation", default=None, help="method predict: initial alignment")

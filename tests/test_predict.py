@@ -136,6 +136,23 @@ def test_initial_alignment_and_instance_optimisation_recover_a_shift(pair2d, tmp
         medreg.predict(ckpt, fixed, moving, instance_steps=2, instance_method="lbfgs")
 
 
+def test_network_passes_compose(pair2d, tmp_path):
+    """Three passes of a network that always predicts the same voxel shift move by three shifts
+    (each pass composes its field with the fields so far); 0 passes is refused."""
+    ckpt = checkpoint(tmp_path / "m.pt", shift=(1.5, -0.5))
+    fixed, moving = read_image(pair2d / "fixed.nii.gz"), read_image(pair2d / "moving.nii.gz")
+    one = medreg.predict(ckpt, fixed, moving, initialisation="none")
+    three = medreg.predict(ckpt, fixed, moving, initialisation="none", passes=3)
+    with torch.no_grad():
+        d1 = one.transform.displacement(fixed.grid).double()
+        d3 = three.transform.displacement(fixed.grid).double()
+    assert float(d1.norm(dim=1).min()) > 1.0
+    assert torch.allclose(d3, 3 * d1, atol=1e-4)
+    assert three.config.passes == 3
+    with pytest.raises(InputError, match="passes"):
+        medreg.predict(ckpt, fixed, moving, passes=0)
+
+
 def test_greedy_instance_settings_follow_the_fast_preset():
     """Greedy refinement takes the fast preset's greedy stage unless overridden, and refuses a
     regularisation it would not apply (it regularises by smoothing)."""

@@ -154,7 +154,8 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
             fixed_labels: Image | str | None = None, moving_labels: Image | str | None = None,
             device: str | torch.device | None = None, threads: int | None = None,
             seed: int | None = None, instance_steps: int = 0, regularisation: float | None = None,
-            initialisation: str | None = None, instance_method: str | None = None) -> RegistrationResult:
+            initialisation: str | None = None, instance_method: str | None = None,
+            passes: int = 1) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained network.
 
     Args:
@@ -169,6 +170,8 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
         regularisation: regulariser weight for a model trained with a regularisation input.
         initialisation: initial alignment (``none``, ``geometry``, ``com``, ``moments``,
             ``affine``); default the model's.
+        passes: network passes: each further pass registers the moving image warped so far and
+            composes the fields (network-only, before any instance optimisation).
 
     Returns:
         :class:`RegistrationResult` as :func:`register` (transform fixed → moving, warped, metrics).
@@ -185,7 +188,7 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
     loaded = load_checkpoint(model, device=dev)
     result = run_predict(loaded, fixed_i.to(dev), moving_i.to(dev), model=str(model),
                          initialisation=initialisation, instance_steps=instance_steps,
-                         regularisation=regularisation,
+                         regularisation=regularisation, passes=passes,
                          instance=None if instance_method is None else {"method": instance_method})
     result.transform = result.transform.to("cpu")
     result.warped = result.warped.to("cpu")

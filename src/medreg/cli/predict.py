@@ -16,6 +16,9 @@ from medreg.cli import main
 @click.option("-o", "--outdir", required=True, type=click.Path(), help="Output folder.")
 @click.option("--moving-labels", type=click.Path(), help="Moving label map: warped to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(), help="Fixed label map: with --moving-labels, Dice before/after.")
+@click.option("--passes", type=int, default=1, show_default=True,
+              help="Network passes: each further pass registers the moving image warped so far "
+                   "and composes the fields (no optimisation on the pair).")
 @click.option("--instance-steps", type=int, default=0, show_default=True,
               help="Steps refining the predicted field on the image pair (instance optimisation).")
 @click.option("--instance-method", type=click.Choice(["adam", "greedy"]), default=None,
@@ -30,7 +33,7 @@ from medreg.cli import main
 @click.option("--seed", type=int, default=None, help="Random seed.")
 @click.option("--quiet", is_flag=True, help="No summary output.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs already in OUTDIR.")
-def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, instance_steps,
+def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, passes, instance_steps,
                 instance_method, regularisation, initialisation, device, threads, seed, quiet,
                 overwrite):
     """Register MOVING to FIXED with a trained network and write the same outputs as
@@ -43,7 +46,7 @@ def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, insta
     result = predict(model, fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                      device=device, threads=threads, seed=seed, instance_steps=instance_steps,
                      regularisation=regularisation, initialisation=initialisation,
-                     instance_method=instance_method)
+                     instance_method=instance_method, passes=passes)
     paths = save_result(result, out, overwrite=overwrite)
     echo_summary(result.metrics, out, paths, quiet)
 

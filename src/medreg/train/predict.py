@@ -24,7 +24,8 @@ from medreg.core.errors import InputError
 from medreg.core.image import Image
 from medreg.engine import RegistrationResult, initial_transform, load_preset, run_registration
 from medreg.engine.adam import Adam
-from medreg.transforms import Compose, Identity, SpatialTransform, warp_image
+from medreg.transforms import Compose, DisplacementField, Identity, SpatialTransform, warp_image
+from medreg.transforms.functional import compose_displacements
 from medreg.train.preprocess import PreprocessConfig, network_grid, prediction_transform, prepare_image
 
 INITIALISATIONS = ("none", "geometry", "com", "moments", "affine")
@@ -39,6 +40,8 @@ class PredictConfig:
         network: the network's config (``medreg.nets.create`` keywords).
         preprocess: the model's preprocessing (network grid size/spacing, normalisation).
         initialisation: the initial alignment ``T₀`` (see the module docstring).
+        passes: network passes (recursive application: each pass registers the moving image
+            warped by the fields so far, and the fields compose; 1: one forward pass).
         instance_steps: Adam steps of instance optimisation (0: the network's field as is).
         instance: overrides of the instance-optimisation settings (``INSTANCE_DEFAULTS``).
         regularisation: the regulariser weight given to a conditional network (None: its default).
@@ -49,6 +52,7 @@ class PredictConfig:
     network: dict[str, Any]
     preprocess: dict[str, Any]
     initialisation: str = "geometry"
+    passes: int = 1
     instance_steps: int = 0
     instance: dict[str, Any] = field(default_factory=dict)
     regularisation: float | None = None
@@ -170,10 +174,23 @@ def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Ten
         return field(p).detach()
 
 
+def _another_pass(net: torch.nn.Module, kwargs: dict[str, Any], f: torch.Tensor, moving: Image,
+                  init: SpatialTransform, u: torch.Tensor, grid: Any, preprocess: Any) -> torch.Tensor:
+    """One more network pass (see :func:`predict_pair`): ``u`` and the result in voxel units."""
+    u_mm = grid.transform_vectors(u, "index", "world", channel_dim=1)
+    so_far = DisplacementField(u_mm[0], grid, check_finite=False)
+    mk, _ = prepare_image(moving, grid, preprocess,
+                          transform=so_far if isinstance(init, Identity) else Compose(init, so_far))
+    r = net(f, mk[None].to(f.device), **kwargs).displacement.detach().float()
+    r_mm = grid.transform_vectors(r, "index", "world", channel_dim=1)
+    total = compose_displacements(u_mm, r_mm, grid)
+    return grid.transform_vectors(total, "world", "index", channel_dim=1)
+
+
 def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Image, *,
                  initialisation: str = "geometry", instance_steps: int = 0,
                  instance: dict[str, Any] | None = None, regularisation: float | None = None,
-                 train_config: dict[str, Any] | None = None,
+                 train_config: dict[str, Any] | None = None, passes: int = 1,
                  ) -> tuple[SpatialTransform, dict[str, float]]:
     """The fixed → moving transform predicted by ``net`` (see the module docstring).
 
@@ -188,6 +205,10 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         regularisation: regulariser weight for a conditional network (it also scales the
             regularisers of ``adam`` instance optimisation; ``greedy`` smooths instead).
         train_config: the model's training config (its loss drives instance optimisation).
+        passes: network passes (>= 1). Pass ``k > 1`` resamples the original moving image
+            through ``T₀`` and the fields so far (one interpolation, no blur build-up), predicts
+            a residual field ``r`` and composes ``u ← r + u ∘ (id + r)`` (network-only: no
+            optimisation on the pair; a diffeomorphic model stays diffeomorphic).
 
     Returns:
         the transform and timings (s) of its parts.
@@ -198,6 +219,8 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
     net.check_regularisation(regularisation)
     if instance_steps < 0:
         raise InputError(f"--instance-steps must be >= 0, got {instance_steps}")
+    if int(passes) < 1:
+        raise InputError(f"--passes must be >= 1, got {passes}")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     init = initial_alignment(fixed, moving, initialisation)
@@ -213,6 +236,9 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         kwargs = {} if regularisation is None else {"reg_weight": float(regularisation)}
         out = net(f, m, **kwargs)
     u = out.displacement.detach().float()
+    for _ in range(int(passes) - 1):
+        with torch.no_grad():
+            u = _another_pass(net, kwargs, f, moving, init, u, grid, preprocess)
     times["network_s"] = time.perf_counter() - t0
     if instance_steps > 0:
         t0 = time.perf_counter()
@@ -230,7 +256,9 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
                                 g["gradient_sigma"], g["field_smoothing"])
         else:
             loss = instance_loss(train_config or {}, opts).to(dev)
-            steps = int(getattr(net, "integrate_steps", 0) or 0) if out.velocity is not None else 0
+            # after several passes the field is a composition, not exp of one velocity: refine u
+            diffeo = out.velocity is not None and int(passes) == 1
+            steps = int(getattr(net, "integrate_steps", 0) or 0) if diffeo else 0
             steps = min(steps, int(opts["integrate_steps"]))
             start = out.velocity.detach().float() if steps else u
             u = instance_optimise(f, m, start, grid, loss, instance_steps, opts["lr"],
@@ -245,19 +273,20 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
 def predict(loaded: Any, fixed: Image, moving: Image, *, model: str = "",
             initialisation: str | None = None, instance_steps: int = 0,
             instance: dict[str, Any] | None = None, regularisation: float | None = None,
-            ) -> RegistrationResult:
+            passes: int = 1) -> RegistrationResult:
     """Run a loaded model (:func:`medreg.train.checkpoint.load_checkpoint`) on one pair and
     return a :class:`RegistrationResult` (transform, warped image) like ``medreg.register``."""
     prep = loaded.preprocess or PreprocessConfig()
     init = initialisation or prep.initialisation
     cfg = PredictConfig(model=model or str(loaded.path), network=loaded.net.config(),
-                        preprocess=asdict(prep), initialisation=init,
+                        preprocess=asdict(prep), initialisation=init, passes=int(passes),
                         instance_steps=int(instance_steps), instance=dict(instance or {}),
                         regularisation=regularisation)
     t0 = time.perf_counter()
     transform, times = predict_pair(loaded.net, prep, fixed, moving, initialisation=init,
                                     instance_steps=instance_steps, instance=instance,
-                                    regularisation=regularisation, train_config=loaded.train_config)
+                                    regularisation=regularisation, train_config=loaded.train_config,
+                                    passes=passes)
     runtime = time.perf_counter() - t0
     with torch.no_grad():
         warped = warp_image(moving.to(torch.float32), transform.to(moving.data.device), fixed.grid)
