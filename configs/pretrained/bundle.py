@@ -47,10 +47,14 @@ def main() -> None:
     card["name"] = a.name
     card["network"] = loaded.net.config()
     card["parameters"] = sum(p.numel() for p in loaded.net.parameters())
-    card.setdefault("training", {})["steps"] = loaded.step
+    # a model fine-tuned in stages: the card template lists the earlier runs (config, steps,
+    # wall_s) under training.earlier_stages; steps and wall time are the totals
+    training = card.setdefault("training", {})
+    earlier = training.get("earlier_stages", [])
+    training["steps"] = loaded.step + sum(int(e["steps"]) for e in earlier)
     seconds = training_seconds(a.checkpoint.parent)
     if seconds is not None:
-        card["training"]["wall_s"] = round(seconds, 1)
+        training["wall_s"] = round(seconds + sum(float(e["wall_s"]) for e in earlier), 1)
     card["size_mb"] = round(dest.stat().st_size / 2 ** 20, 2)
     (dest.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {dest} ({card['size_mb']} MB) and {dest.with_suffix('.json')}")
