@@ -76,7 +76,7 @@ def initial_alignment(fixed: Image, moving: Image, method: str) -> SpatialTransf
 
 #: defaults of instance optimisation (``instance`` overrides them). ``method``: ``greedy`` (the
 #: ``fast`` preset's compositional updates on the network grid: on the bundled models' benchmark
-#: pairs it beat 50 Adam steps, e.g. brain3d 0.716 vs 0.687 in 7 s vs 22 s) or ``adam`` (steps on
+#: pairs it beat 50 Adam steps, e.g. the first brain3d 0.716 vs 0.687 in 7 s vs 22 s) or ``adam`` (steps on
 #: the model's own training similarity and regularisers, its velocity for diffeomorphic models).
 #: Greedy settings left ``None`` (``similarity``, ``greedy_lr``, ``gradient_sigma``,
 #: ``field_smoothing``) take the values of the ``fast`` preset's greedy stage; greedy regularises by
