@@ -104,7 +104,7 @@ class StageConfig:
         if not isinstance(self.similarity, Mapping) or "name" not in self.similarity:
             raise InputError(f"stage {self.type}: similarity must be a mapping with a 'name'")
         if self.type in LINEAR_TYPES and self.symmetric:
-            raise InputError(f"stage {self.type}: symmetric mode is for svf stages")
+            raise InputError(f"stage {self.type}: symmetric mode is for svf and greedy stages")
         if self.type == "discrete":
             from medreg.engine.discrete import DiscreteParams
 

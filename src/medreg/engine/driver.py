@@ -46,7 +46,8 @@ class RegistrationResult:
         history: one record per stage level (stage, type, factor, iterations, loss first/last,
             seconds).
         runtime_s: wall time of the optimisation.
-        inverse: moving → fixed map when the last stage is symmetric (exact SVF inverse).
+        inverse: moving → fixed map when the last stage is a symmetric svf stage (exact SVF
+            inverse) or discrete with inverse consistency; None otherwise (greedy included).
         metrics: filled by callers (similarity before/after, Jacobian statistics, Dice, ...).
         fixed_labels, moving_labels: label maps given for evaluation (not used to optimise).
         warped_labels: ``moving_labels`` resampled on the fixed grid (nearest neighbour).
@@ -411,7 +412,7 @@ def _run_deformable(si: int, nstages: int, stage: StageConfig, fixed: Image, mov
                     progress: Progress, history: list,
                     cache: dict | None = None) -> tuple[SpatialTransform, SpatialTransform | None]:
     if stage.symmetric and stage.type != "svf":
-        raise InputError(f"stage {si + 1}: symmetric mode needs a diffeomorphic (svf) stage")
+        raise InputError(f"stage {si + 1}: symmetric mode needs an svf or greedy stage")
     lr = stage.lr if stage.lr is not None else 0.5
     param: nn.Parameter | None = None
     param_grid: Grid | None = None

@@ -17,8 +17,8 @@ Symmetric mode (:func:`greedy_level_symmetric`, as ANTs' SyN): both images are w
 on the fixed grid, the fixed through ``id + a`` and the moving through ``prefix ∘ (id + b)``; each
 field takes the update above from its own image's force, and the stage's transform is
 ``(id + b) ∘ (id + a)⁻¹``. Any common deformation of both halves leaves that unchanged and drifts
-where the images are flat, so after each step the halves are re-centred (``a = −b``, the midpoint
-to first order). Each half carries about half of the deformation, so for the same smoothing the
+where the images are flat, so after each step both halves are right-composed with the same
+``id − (a + b)/2`` (``a = −b``, the midpoint, to first order; ``B ∘ A⁻¹`` unchanged). Each half carries about half of the deformation, so for the same smoothing the
 composed field is smoother; a step costs about twice as much.
 
 Per step this costs one image warp, the similarity forward and backward, one field resample and
@@ -30,6 +30,7 @@ Jacobian positive in practice; the result is reported with folding statistics li
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -168,10 +169,12 @@ def greedy_level_symmetric(a: Tensor, b: Tensor, step: GreedyStep, prefix: Spati
             a = step.compose(a, step.scale(step.force(wf.detach(), dfix)))
             b = step.compose(b, step.scale(step.force(wm.detach(), dmov)))
             # (A ∘ C, B ∘ C) gives the same B ∘ A⁻¹ for any C: that common mode has no restoring
-            # force and drifts where the images are flat; keeping a = −b (the midpoint to first
-            # order) removes it.
-            common = 0.5 * (a + b)
-            a, b = a - common, b - common
+            # force and drifts where the images are flat. Right-composing both halves with
+            # C = id − (a + b)/2 removes it (a = −b to first order) and leaves B ∘ A⁻¹ as it was
+            # up to interpolation.
+            back = -0.5 * (a + b)
+            a = TF.compose_displacements(a, back, step.grid)
+            b = TF.compose_displacements(b, back, step.grid)
         first = value if it == 0 else first
         last, steps = value, it + 1
         if report(it + 1, value):
@@ -182,7 +185,11 @@ def greedy_level_symmetric(a: Tensor, b: Tensor, step: GreedyStep, prefix: Spati
 def symmetric_displacement(a: Tensor, b: Tensor, grid: Grid) -> Tensor:
     """Displacement (world mm on ``grid``) of ``(id + b) ∘ (id + a)⁻¹``: fixed → moving through
     the midpoint, with ``(id + a)⁻¹`` by fixed-point inversion."""
-    w, _ = TF.invert_displacement(a, grid, iterations=30, tolerance=1e-3)
+    w, residual = TF.invert_displacement(a, grid, iterations=50, tolerance=1e-3)
+    if residual > 0.1 * min(grid.spacing):
+        warnings.warn(f"symmetric greedy stage: the fixed half-field inverted with a residual of "
+                      f"{residual:.2f} mm (> 0.1 voxel); the result may be inaccurate: use more "
+                      f"smoothing (gradient_sigma, field_smoothing) or a smaller lr", stacklevel=2)
     q = grid.transform_points(grid.points(dtype=a.dtype, device=a.device) + w.movedim(1, -1), "world", "norm")
     return w + TF._field_sample(b, q).movedim(-1, 1)
 

@@ -208,7 +208,8 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         passes: network passes (>= 1). Pass ``k > 1`` resamples the original moving image
             through ``T₀`` and the fields so far (one interpolation, no blur build-up), predicts
             a residual field ``r`` and composes ``u ← r + u ∘ (id + r)`` (network-only: no
-            optimisation on the pair; a diffeomorphic model stays diffeomorphic).
+            optimisation on the pair; a composition of diffeomorphic fields stays invertible, but
+            ``adam`` instance optimisation then refines the displacement, not a velocity).
 
     Returns:
         the transform and timings (s) of its parts.
