@@ -142,9 +142,11 @@ class CentroidShift(RegistrationNet):
     moving image's: a network that reads its inputs, whose one-pass answer is approximate and
     whose second pass sees only what the first left over."""
 
-    def __init__(self, ndim: int) -> None:
+    def __init__(self, ndim: int, integrate_steps: int = 0, bias: tuple[float, ...] = (0.0, 0.0)) -> None:
         super().__init__(ndim)
-        self.unused = nn.Parameter(torch.zeros(1))
+        self.integrate_steps = int(integrate_steps)
+        self.bias = tuple(float(b) for b in bias)
+        self.offset = nn.Parameter(torch.tensor(self.bias, dtype=torch.float32))
 
     def forward(self, fixed, moving, reg_weight=None):
         shape = fixed.shape[2:]
@@ -154,9 +156,11 @@ class CentroidShift(RegistrationNet):
             w = img[0, 0].clamp_min(0)
             return torch.stack([(w * a).sum() / w.sum() for a in axes[::-1]])  # x, y order
 
-        vec = centroid(moving) - centroid(fixed)
-        disp = vec.view(1, -1, *([1] * len(shape))).expand(fixed.shape[0], -1, *shape)
-        return NetOutput(displacement=disp.contiguous())
+        vec = centroid(moving) - centroid(fixed) + self.offset
+        disp = vec.view(1, -1, *([1] * len(shape))).expand(fixed.shape[0], -1, *shape).contiguous()
+        if self.integrate_steps:  # a constant velocity integrates to the same constant displacement
+            return NetOutput(displacement=disp, velocity=disp)
+        return NetOutput(displacement=disp)
 
 
 def test_network_passes_compose(pair2d, tmp_path):
@@ -177,6 +181,28 @@ def test_network_passes_compose(pair2d, tmp_path):
     assert results[3].config.passes == 3
     with pytest.raises(InputError, match="passes"):
         medreg.predict(ckpt, fixed, moving, passes=0)
+
+
+def test_symmetric_prediction_averages_both_directions(pair2d, tmp_path):
+    """``symmetric`` uses half the difference of the velocities predicted both ways: a bias that
+    does not depend on the order of the images cancels, the antisymmetric part (the centroid
+    offset) stays; a displacement-only model is refused with a clear error."""
+    fixed, moving = read_image(pair2d / "fixed.nii.gz"), read_image(pair2d / "moving.nii.gz")
+    prep = PreprocessConfig(size=(48, 40))
+
+    def field(net, **kw):
+        ckpt = save_checkpoint(tmp_path / "s.pt", model=net, preprocess=prep, train_config={}, step=0)
+        res = medreg.predict(ckpt, fixed, moving, initialisation="none", **kw)
+        with torch.no_grad():
+            return res.transform.displacement(fixed.grid).double()
+
+    clean = field(CentroidShift(2, integrate_steps=3))
+    biased = field(CentroidShift(2, integrate_steps=3, bias=(2.0, -1.5)))
+    sym = field(CentroidShift(2, integrate_steps=3, bias=(2.0, -1.5)), symmetric=True)
+    assert float((biased - clean).norm(dim=1).min()) > 1.0   # the bias moves the plain prediction
+    assert torch.allclose(sym, clean, atol=1e-3)              # and cancels in the symmetric one
+    with pytest.raises(InputError, match="velocity"):
+        field(CentroidShift(2), symmetric=True)
 
 
 def test_greedy_instance_settings_follow_the_fast_preset():

@@ -155,7 +155,7 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
             device: str | torch.device | None = None, threads: int | None = None,
             seed: int | None = None, instance_steps: int = 0, regularisation: float | None = None,
             initialisation: str | None = None, instance_method: str | None = None,
-            passes: int = 1) -> RegistrationResult:
+            passes: int = 1, symmetric: bool = False) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained network.
 
     Args:
@@ -172,6 +172,8 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
             ``affine``); default the model's.
         passes: network passes: each further pass registers the moving image warped so far and
             composes the fields (network-only, before any instance optimisation).
+        symmetric: average the velocities predicted in both directions (diffeomorphic models;
+            inverse-consistent, twice the network time).
 
     Returns:
         :class:`RegistrationResult` as :func:`register` (transform fixed → moving, warped, metrics).
@@ -188,7 +190,7 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
     loaded = load_checkpoint(model, device=dev)
     result = run_predict(loaded, fixed_i.to(dev), moving_i.to(dev), model=str(model),
                          initialisation=initialisation, instance_steps=instance_steps,
-                         regularisation=regularisation, passes=passes,
+                         regularisation=regularisation, passes=passes, symmetric=symmetric,
                          instance=None if instance_method is None else {"method": instance_method})
     result.transform = result.transform.to("cpu")
     result.warped = result.warped.to("cpu")

@@ -19,6 +19,9 @@ from medreg.cli import main
 @click.option("--passes", type=int, default=1, show_default=True,
               help="Network passes: each further pass registers the moving image warped so far "
                    "and composes the fields (no optimisation on the pair).")
+@click.option("--symmetric", is_flag=True,
+              help="Also predict with the images swapped and average the two velocities "
+                   "(diffeomorphic models; inverse-consistent, twice the network time).")
 @click.option("--instance-steps", type=int, default=0, show_default=True,
               help="Steps refining the predicted field on the image pair (instance optimisation).")
 @click.option("--instance-method", type=click.Choice(["adam", "greedy"]), default=None,
@@ -33,7 +36,7 @@ from medreg.cli import main
 @click.option("--seed", type=int, default=None, help="Random seed.")
 @click.option("--quiet", is_flag=True, help="No summary output.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs already in OUTDIR.")
-def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, passes, instance_steps,
+def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, passes, symmetric, instance_steps,
                 instance_method, regularisation, initialisation, device, threads, seed, quiet,
                 overwrite):
     """Register MOVING to FIXED with a trained network and write the same outputs as
@@ -46,7 +49,7 @@ def predict_cmd(model, fixed, moving, outdir, moving_labels, fixed_labels, passe
     result = predict(model, fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                      device=device, threads=threads, seed=seed, instance_steps=instance_steps,
                      regularisation=regularisation, initialisation=initialisation,
-                     instance_method=instance_method, passes=passes)
+                     instance_method=instance_method, passes=passes, symmetric=symmetric)
     paths = save_result(result, out, overwrite=overwrite)
     echo_summary(result.metrics, out, paths, quiet)
 

@@ -25,6 +25,8 @@ from medreg.core.image import Image
 from medreg.engine import RegistrationResult, initial_transform, load_preset, run_registration
 from medreg.engine.adam import Adam
 from medreg.transforms import Compose, DisplacementField, Identity, SpatialTransform, warp_image
+from medreg.nets.base import NetOutput
+from medreg.nets.functional import integrate_velocity
 from medreg.transforms.functional import compose_displacements
 from medreg.train.preprocess import PreprocessConfig, network_grid, prediction_transform, prepare_image
 
@@ -42,6 +44,7 @@ class PredictConfig:
         initialisation: the initial alignment ``T₀`` (see the module docstring).
         passes: network passes (recursive application: each pass registers the moving image
             warped by the fields so far, and the fields compose; 1: one forward pass).
+        symmetric: each pass averages the velocities of both directions (see :func:`predict_pair`).
         instance_steps: Adam steps of instance optimisation (0: the network's field as is).
         instance: overrides of the instance-optimisation settings (``INSTANCE_DEFAULTS``).
         regularisation: the regulariser weight given to a conditional network (None: its default).
@@ -53,6 +56,7 @@ class PredictConfig:
     preprocess: dict[str, Any]
     initialisation: str = "geometry"
     passes: int = 1
+    symmetric: bool = False
     instance_steps: int = 0
     instance: dict[str, Any] = field(default_factory=dict)
     regularisation: float | None = None
@@ -174,14 +178,31 @@ def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Ten
         return field(p).detach()
 
 
+def _forward(net: torch.nn.Module, f: torch.Tensor, m: torch.Tensor, kwargs: dict[str, Any],
+             symmetric: bool) -> Any:
+    """``net(f, m)``; with ``symmetric`` the velocity ``(v(f, m) − v(m, f)) / 2`` integrated as the
+    network does (voxel units): the two directions' estimates averaged, so a bias that does not
+    depend on which image is which cancels and the result is inverse-consistent by construction."""
+    out = net(f, m, **kwargs)
+    if not symmetric:
+        return out
+    steps = int(getattr(net, "integrate_steps", 0) or 0)
+    if out.velocity is None or steps <= 0:
+        raise InputError("--symmetric needs a model that predicts a stationary velocity "
+                         "(integrate_steps > 0); this one predicts a displacement")
+    v = 0.5 * (out.velocity - net(m, f, **kwargs).velocity)
+    return NetOutput(displacement=integrate_velocity(v, steps), velocity=v)
+
+
 def _another_pass(net: torch.nn.Module, kwargs: dict[str, Any], f: torch.Tensor, moving: Image,
-                  init: SpatialTransform, u: torch.Tensor, grid: Any, preprocess: Any) -> torch.Tensor:
+                  init: SpatialTransform, u: torch.Tensor, grid: Any, preprocess: Any,
+                  symmetric: bool = False) -> torch.Tensor:
     """One more network pass (see :func:`predict_pair`): ``u`` and the result in voxel units."""
     u_mm = grid.transform_vectors(u, "index", "world", channel_dim=1)
     so_far = DisplacementField(u_mm[0], grid, check_finite=False)
     mk, _ = prepare_image(moving, grid, preprocess,
                           transform=so_far if isinstance(init, Identity) else Compose(init, so_far))
-    r = net(f, mk[None].to(f.device), **kwargs).displacement.detach().float()
+    r = _forward(net, f, mk[None].to(f.device), kwargs, symmetric).displacement.detach().float()
     r_mm = grid.transform_vectors(r, "index", "world", channel_dim=1)
     total = compose_displacements(u_mm, r_mm, grid)
     return grid.transform_vectors(total, "world", "index", channel_dim=1)
@@ -191,7 +212,7 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
                  initialisation: str = "geometry", instance_steps: int = 0,
                  instance: dict[str, Any] | None = None, regularisation: float | None = None,
                  train_config: dict[str, Any] | None = None, passes: int = 1,
-                 ) -> tuple[SpatialTransform, dict[str, float]]:
+                 symmetric: bool = False) -> tuple[SpatialTransform, dict[str, float]]:
     """The fixed → moving transform predicted by ``net`` (see the module docstring).
 
     Args:
@@ -210,6 +231,9 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
             a residual field ``r`` and composes ``u ← r + u ∘ (id + r)`` (network-only: no
             optimisation on the pair; a composition of diffeomorphic fields stays invertible, but
             ``adam`` instance optimisation then refines the displacement, not a velocity).
+        symmetric: in every pass, also run the network with the images swapped and use half
+            the difference of the two velocities (diffeomorphic models only; twice the network
+            time).
 
     Returns:
         the transform and timings (s) of its parts.
@@ -235,11 +259,11 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
     f, m = f[None].to(dev), m[None].to(dev)
     with torch.no_grad():
         kwargs = {} if regularisation is None else {"reg_weight": float(regularisation)}
-        out = net(f, m, **kwargs)
+        out = _forward(net, f, m, kwargs, symmetric)
     u = out.displacement.detach().float()
     for _ in range(int(passes) - 1):
         with torch.no_grad():
-            u = _another_pass(net, kwargs, f, moving, init, u, grid, preprocess)
+            u = _another_pass(net, kwargs, f, moving, init, u, grid, preprocess, symmetric)
     times["network_s"] = time.perf_counter() - t0
     if instance_steps > 0:
         t0 = time.perf_counter()
@@ -274,20 +298,21 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
 def predict(loaded: Any, fixed: Image, moving: Image, *, model: str = "",
             initialisation: str | None = None, instance_steps: int = 0,
             instance: dict[str, Any] | None = None, regularisation: float | None = None,
-            passes: int = 1) -> RegistrationResult:
+            passes: int = 1, symmetric: bool = False) -> RegistrationResult:
     """Run a loaded model (:func:`medreg.train.checkpoint.load_checkpoint`) on one pair and
     return a :class:`RegistrationResult` (transform, warped image) like ``medreg.register``."""
     prep = loaded.preprocess or PreprocessConfig()
     init = initialisation or prep.initialisation
     cfg = PredictConfig(model=model or str(loaded.path), network=loaded.net.config(),
                         preprocess=asdict(prep), initialisation=init, passes=int(passes),
+                        symmetric=bool(symmetric),
                         instance_steps=int(instance_steps), instance=dict(instance or {}),
                         regularisation=regularisation)
     t0 = time.perf_counter()
     transform, times = predict_pair(loaded.net, prep, fixed, moving, initialisation=init,
                                     instance_steps=instance_steps, instance=instance,
                                     regularisation=regularisation, train_config=loaded.train_config,
-                                    passes=passes)
+                                    passes=passes, symmetric=symmetric)
     runtime = time.perf_counter() - t0
     with torch.no_grad():
         warped = warp_image(moving.to(torch.float32), transform.to(moving.data.device), fixed.grid)
