@@ -250,7 +250,7 @@ def _tag(method: str, pair: Pair, a: argparse.Namespace) -> str | None:
         return Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
     if method == "predict":
         io = f"+{a.instance_method or 'io'}{a.instance_steps}" if a.instance_steps else ""
-        passes = (f"x{a.passes}" if a.passes > 1 else "") + ("+sym" if a.symmetric else "")
+        passes = (f"x{a.passes}" if a.passes > 1 else "") + {None: "", True: "+sym", False: "+nosym"}[a.symmetric]
         return f"{Path(a.model).stem}{passes}{io}"
     return None
 
@@ -261,8 +261,8 @@ def _command(method: str, pair: Pair, out: Path, a: argparse.Namespace) -> list[
                str(out), "--threads", str(a.threads), "--seed", str(a.seed), "--quiet", "--overwrite"]
         if a.passes > 1:
             cmd += ["--passes", str(a.passes)]
-        if a.symmetric:
-            cmd += ["--symmetric"]
+        if a.symmetric is not None:
+            cmd += ["--symmetric" if a.symmetric else "--no-symmetric"]
         if a.instance_steps:
             cmd += ["--instance-steps", str(a.instance_steps)]
             if a.instance_method:
@@ -537,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="brain3d", help="method predict: bundled model or checkpoint")
     ap.add_argument("--instance-steps", type=int, default=0, help="method predict: instance optimisation")
     ap.add_argument("--passes", type=int, default=1, help="method predict: network passes")
-    ap.add_argument("--symmetric", action="store_true", help="method predict: average both directions")
+    ap.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                    help="method predict: average both directions (default: the model's)")
     ap.add_argument("--instance-method", default=None, choices=["adam", "greedy"],
                     help="method predict: instance optimisation method (default: medreg's)")
     ap.add_argument("--initialisation", default=None, help="method predict: initial alignment")

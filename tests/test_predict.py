@@ -203,6 +203,18 @@ def test_symmetric_prediction_averages_both_directions(pair2d, tmp_path):
     assert torch.allclose(sym, clean, atol=1e-3)              # and cancels in the symmetric one
     with pytest.raises(InputError, match="velocity"):
         field(CentroidShift(2), symmetric=True)
+    # a model may carry the default (bundled brain3d does); an explicit False overrides it
+    net = CentroidShift(2, integrate_steps=3, bias=(2.0, -1.5))
+    ckpt = save_checkpoint(tmp_path / "d.pt", model=net, preprocess=prep, train_config={}, step=0,
+                           inference={"symmetric": True})
+    with torch.no_grad():
+        default = medreg.predict(ckpt, fixed, moving, initialisation="none").transform.displacement(fixed.grid)
+        off = medreg.predict(ckpt, fixed, moving, initialisation="none", symmetric=False).transform.displacement(fixed.grid)
+    assert torch.allclose(default.double(), clean, atol=1e-3) and torch.allclose(off.double(), biased, atol=1e-3)
+    bad = save_checkpoint(tmp_path / "b.pt", model=net, preprocess=prep, train_config={}, step=0,
+                          inference={"symmetry": True})
+    res = run("predict", bad, pair2d / "fixed.nii.gz", pair2d / "moving.nii.gz", "-o", tmp_path / "ob")
+    assert res.exit_code == 2 and "unknown inference default" in res.output
 
 
 def test_greedy_instance_settings_follow_the_fast_preset():

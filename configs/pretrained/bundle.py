@@ -41,9 +41,12 @@ def main() -> None:
     loaded = load_checkpoint(a.checkpoint)
     dest = ROOT / "src" / "medreg" / "models" / f"{a.name}.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(dest, model=loaded.net, preprocess=loaded.preprocess,
-                    train_config=loaded.train_config, step=loaded.step, metrics=loaded.metrics)
     card = json.loads(a.card.read_text())
+    # the card's "inference" (e.g. {"symmetric": true}) travels in the checkpoint as the model's
+    # defaults for medreg predict
+    save_checkpoint(dest, model=loaded.net, preprocess=loaded.preprocess,
+                    train_config=loaded.train_config, step=loaded.step, metrics=loaded.metrics,
+                    inference=card.get("inference"))
     card["name"] = a.name
     card["network"] = loaded.net.config()
     card["parameters"] = sum(p.numel() for p in loaded.net.parameters())

@@ -155,7 +155,7 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
             device: str | torch.device | None = None, threads: int | None = None,
             seed: int | None = None, instance_steps: int = 0, regularisation: float | None = None,
             initialisation: str | None = None, instance_method: str | None = None,
-            passes: int = 1, symmetric: bool = False) -> RegistrationResult:
+            passes: int = 1, symmetric: bool | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained network.
 
     Args:
@@ -173,7 +173,8 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
         passes: network passes: each further pass registers the moving image warped so far and
             composes the fields (network-only, before any instance optimisation).
         symmetric: average the velocities predicted in both directions (diffeomorphic models;
-            inverse-consistent, twice the network time).
+            inverse-consistent, twice the network time); None: the model's default (on for
+            ``brain3d``, see ``medreg models NAME``).
 
     Returns:
         :class:`RegistrationResult` as :func:`register` (transform fixed → moving, warped, metrics).

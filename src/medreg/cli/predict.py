@@ -19,9 +19,10 @@ from medreg.cli import main
 @click.option("--passes", type=int, default=1, show_default=True,
               help="Network passes: each further pass registers the moving image warped so far "
                    "and composes the fields (no optimisation on the pair).")
-@click.option("--symmetric", is_flag=True,
+@click.option("--symmetric/--no-symmetric", default=None,
               help="Also predict with the images swapped and average the two velocities "
-                   "(diffeomorphic models; inverse-consistent, twice the network time).")
+                   "(diffeomorphic models; inverse-consistent, twice the network time). "
+                   "Default: the model's own (on for brain3d).")
 @click.option("--instance-steps", type=int, default=0, show_default=True,
               help="Steps refining the predicted field on the image pair (instance optimisation).")
 @click.option("--instance-method", type=click.Choice(["adam", "greedy"]), default=None,

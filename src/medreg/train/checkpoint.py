@@ -10,6 +10,8 @@ A checkpoint is a dict that ``torch.load(path, weights_only=True)`` reads (no pi
 ``train_config``    the training config as a dict (``TrainConfig.to_dict()``)
 ``step``            optimiser steps done
 ``metrics``         the latest validation metrics (floats)
+``inference``       defaults of ``medreg predict`` for this model (e.g. ``{"symmetric": True}``;
+                    optional, set when a model is bundled)
 ``optimizer``, ``scheduler``, ``rng``   resume state (optional)
 
 :func:`load_checkpoint` takes a path or the bare name of a model shipped in ``medreg/models``.
@@ -95,7 +97,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, preprocess: An
                     scheduler: Mapping[str, Any] | Any | None = None,
                     rng: Mapping[str, Any] | None = None,
                     metrics: Mapping[str, Any] | None = None,
-                    extra: Mapping[str, Any] | None = None) -> Path:
+                    extra: Mapping[str, Any] | None = None,
+                    inference: Mapping[str, Any] | None = None) -> Path:
     """Write a checkpoint (see the module docstring) atomically; returns its path.
 
     Args:
@@ -110,6 +113,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, preprocess: An
         rng: random generator states (plain types / tensors).
         metrics: latest metrics (numbers).
         extra: other resume state (plain types).
+        inference: defaults of ``medreg predict`` for this model (plain types).
     """
     net = getattr(model, "module", model)
     if not hasattr(net, "config"):
@@ -126,6 +130,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, preprocess: An
         "step": int(step),
         "metrics": _plain(metrics or {}),
     }
+    if inference:
+        state["inference"] = _plain(inference)
     if optimizer is not None:
         state["optimizer"] = _plain(optimizer.state_dict())
     if scheduler is not None:
@@ -200,6 +206,7 @@ class LoadedModel:
         metrics: its validation metrics when saved.
         step: optimiser steps it was trained for.
         path: the checkpoint file.
+        inference: its defaults for ``medreg predict`` (e.g. ``symmetric``).
     """
 
     net: nn.Module
@@ -208,6 +215,7 @@ class LoadedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     path: Path | None = None
+    inference: dict[str, Any] = field(default_factory=dict)
 
 
 def build_net(config: Mapping[str, Any]) -> nn.Module:
@@ -240,4 +248,4 @@ def load_checkpoint(path_or_name: str | os.PathLike, device: str | torch.device 
         prep = PreprocessConfig(**prep)
     return LoadedModel(net=net, preprocess=prep, train_config=dict(state.get("train_config") or {}),
                        metrics=dict(state.get("metrics") or {}), step=int(state.get("step", 0)),
-                       path=path)
+                       path=path, inference=dict(state.get("inference") or {}))

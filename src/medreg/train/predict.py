@@ -91,6 +91,10 @@ INSTANCE_DEFAULTS = {"method": "greedy", "lr": 0.2, "similarity": None, "regular
 INSTANCE_METHODS = ("adam", "greedy")
 
 
+#: what a checkpoint's ``inference`` dict may set (defaults of :func:`predict` for that model).
+INFERENCE_DEFAULT_KEYS = {"symmetric"}
+
+
 def greedy_settings(opts: dict[str, Any]) -> dict[str, Any]:
     """``opts``' greedy settings, each ``None`` replaced by the ``fast`` preset's greedy stage value."""
     if opts.get("regularisation"):
@@ -298,9 +302,16 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
 def predict(loaded: Any, fixed: Image, moving: Image, *, model: str = "",
             initialisation: str | None = None, instance_steps: int = 0,
             instance: dict[str, Any] | None = None, regularisation: float | None = None,
-            passes: int = 1, symmetric: bool = False) -> RegistrationResult:
+            passes: int = 1, symmetric: bool | None = None) -> RegistrationResult:
     """Run a loaded model (:func:`medreg.train.checkpoint.load_checkpoint`) on one pair and
-    return a :class:`RegistrationResult` (transform, warped image) like ``medreg.register``."""
+    return a :class:`RegistrationResult` (transform, warped image) like ``medreg.register``.
+    ``symmetric=None`` takes the model's own default (``loaded.inference``; off if unset)."""
+    unknown = sorted(set(loaded.inference) - INFERENCE_DEFAULT_KEYS)
+    if unknown:
+        raise InputError(f"{loaded.path}: unknown inference default(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(INFERENCE_DEFAULT_KEYS))}")
+    if symmetric is None:
+        symmetric = bool(loaded.inference.get("symmetric", False))
     prep = loaded.preprocess or PreprocessConfig()
     init = initialisation or prep.initialisation
     cfg = PredictConfig(model=model or str(loaded.path), network=loaded.net.config(),
