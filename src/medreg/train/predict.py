@@ -184,8 +184,9 @@ def instance_optimise(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Ten
 
 def _forward(net: torch.nn.Module, f: torch.Tensor, m: torch.Tensor, kwargs: dict[str, Any],
              symmetric: bool) -> Any:
-    """``net(f, m)``; with ``symmetric`` the velocity ``(v(f, m) − v(m, f)) / 2`` integrated as the
-    network does (voxel units): the two directions' estimates averaged, so a bias that does not
+    """``net(f, m)``; with ``symmetric`` the velocity ``(v(f, m) − v(m, f)) / 2`` (the networks'
+    full-resolution velocities, voxel units) integrated by the network's number of squarings at
+    full resolution: the two directions' estimates averaged, so a bias that does not
     depend on which image is which cancels and the result is inverse-consistent by construction."""
     out = net(f, m, **kwargs)
     if not symmetric:
