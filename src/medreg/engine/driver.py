@@ -320,7 +320,8 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
                 fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
                 earlier: list[SpatialTransform], progress: Progress, history: list,
                 cache: dict | None = None) -> DisplacementField:
-    from medreg.engine.greedy import GreedyStep, greedy_level, greedy_level_symmetric, symmetric_displacement
+    from medreg.engine.greedy import (DEFAULT_LR, GreedyStep, greedy_level, greedy_level_symmetric,
+                                      symmetric_displacement)
 
     sim = build_similarity(stage.similarity)
     prefix = linear if not earlier else Compose(linear, *earlier)
@@ -336,7 +337,7 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
         if stage.symmetric:
             a = torch.zeros_like(u) if a is None else resample_field(a, u_grid, grid)
         u_grid = grid
-        step = GreedyStep(grid, stage.lr if stage.lr is not None else 0.25, stage.gradient_sigma,
+        step = GreedyStep(grid, stage.lr if stage.lr is not None else DEFAULT_LR, stage.gradient_sigma,
                           stage.field_smoothing, device=dev)
         progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
         t_level = time.perf_counter()

@@ -45,6 +45,9 @@ from medreg.transforms import functional as TF
 
 LossFn = Callable[[Tensor, Tensor, SpatialTransform], Tensor]
 
+#: longest update per step (voxels of the level) when a greedy stage gives no ``lr``.
+DEFAULT_LR = 0.25
+
 
 def index_gradient(image: Tensor) -> Tensor:
     """Central-difference gradients ``(N, C, D, *shape)`` of ``(N, C, *shape)`` along the index
@@ -194,5 +197,5 @@ def symmetric_displacement(a: Tensor, b: Tensor, grid: Grid) -> Tensor:
     return w + TF._field_sample(b, q).movedim(-1, 1)
 
 
-__all__ = ["GreedyStep", "greedy_level", "greedy_level_symmetric", "index_gradient",
+__all__ = ["DEFAULT_LR", "GreedyStep", "greedy_level", "greedy_level_symmetric", "index_gradient",
            "symmetric_displacement"]

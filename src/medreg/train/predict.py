@@ -101,8 +101,11 @@ def greedy_settings(opts: dict[str, Any]) -> dict[str, Any]:
         raise InputError("greedy instance optimisation regularises by smoothing only: set "
                          "gradient_sigma (update) and field_smoothing (total field), or use "
                          "method: adam for regularisation")
+    from medreg.engine.greedy import DEFAULT_LR
+
     stage = next(s for s in load_preset("fast").stages if s.type == "greedy")
-    preset = {"similarity": dict(stage.similarity), "greedy_lr": stage.lr,
+    preset = {"similarity": dict(stage.similarity),
+              "greedy_lr": stage.lr if stage.lr is not None else DEFAULT_LR,
               "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing}
     return {k: preset[k] if opts.get(k) is None else opts[k] for k in preset}
 
