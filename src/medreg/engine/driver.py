@@ -183,13 +183,21 @@ class _Converged:
 
 
 def _similarity(sim: nn.Module, level: _Level, warped: Tensor, transform: SpatialTransform,
-                fixed_data: Tensor | None = None) -> Tensor:
+                fixed_data: Tensor | None = None,
+                fixed_transform: SpatialTransform | None = None) -> Tensor:
+    """``sim`` of the level's fixed image (or ``fixed_data``) and ``warped`` with the masks: the
+    moving mask through ``transform``, the fixed mask through ``fixed_transform`` when the fixed
+    image was warped too (symmetric greedy)."""
     mmask = None
     if level.moving_mask is not None:
         mmask = warp_image(level.moving_mask, transform, level.fixed.grid, level.moving.grid,
                            padding="zeros", precise=False)
+    fmask = level.fixed_mask
+    if fmask is not None and fixed_transform is not None:
+        fmask = warp_image(fmask, fixed_transform, level.fixed.grid, level.fixed.grid,
+                           padding="zeros", precise=False)
     fixed = level.fixed.batch() if fixed_data is None else fixed_data
-    return sim(fixed, warped, fixed_mask=level.fixed_mask, moving_mask=mmask)
+    return sim(fixed, warped, fixed_mask=fmask, moving_mask=mmask)
 
 
 def _optimise(params: list[nn.Parameter], closure: Callable[[], Tensor], stage: StageConfig,
@@ -352,11 +360,7 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
 
         def sym_loss(wf: Tensor, wm: Tensor, tf: SpatialTransform, tm: SpatialTransform,
                      level: _Level = level) -> Tensor:
-            masks = [None if mask is None else
-                     warp_image(mask, t, level.fixed.grid, g, padding="zeros", precise=False)
-                     for mask, t, g in ((level.fixed_mask, tf, level.fixed.grid),
-                                        (level.moving_mask, tm, level.moving.grid))]
-            return sim(wf, wm, fixed_mask=masks[0], moving_mask=masks[1])
+            return _similarity(sim, level, wm, tm, fixed_data=wf, fixed_transform=tf)
 
         if stage.symmetric:
             a, u, steps, first, last = greedy_level_symmetric(

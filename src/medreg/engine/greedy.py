@@ -18,8 +18,9 @@ on the fixed grid, the fixed through ``id + a`` and the moving through ``prefix 
 field takes the update above from its own image's force, and the stage's transform is
 ``(id + b) ∘ (id + a)⁻¹``. Any common deformation of both halves leaves that unchanged and drifts
 where the images are flat, so after each step both halves are right-composed with the same
-``id − (a + b)/2`` (``a = −b``, the midpoint, to first order; ``B ∘ A⁻¹`` unchanged). Each half carries about half of the deformation, so for the same smoothing the
-composed field is smoother; a step costs about twice as much.
+``id − (a + b)/2`` (``a = −b``, the midpoint, to first order; ``B ∘ A⁻¹`` unchanged). Each half
+carries about half of the deformation, so for the same smoothing the composed field is smoother;
+a step costs about twice as much.
 
 Per step this costs one image warp, the similarity forward and backward, one field resample and
 two separable smoothings — no backward pass through scaling and squaring or the sampler, which is
@@ -193,8 +194,7 @@ def symmetric_displacement(a: Tensor, b: Tensor, grid: Grid) -> Tensor:
         warnings.warn(f"symmetric greedy stage: the fixed half-field inverted with a residual of "
                       f"{residual:.2f} mm (> 0.1 voxel); the result may be inaccurate: use more "
                       f"smoothing (gradient_sigma, field_smoothing) or a smaller lr", stacklevel=2)
-    q = grid.transform_points(grid.points(dtype=a.dtype, device=a.device) + w.movedim(1, -1), "world", "norm")
-    return w + TF._field_sample(b, q).movedim(-1, 1)
+    return TF.compose_displacements(b, w, grid)
 
 
 __all__ = ["DEFAULT_LR", "GreedyStep", "greedy_level", "greedy_level_symmetric", "index_gradient",

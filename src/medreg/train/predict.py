@@ -24,9 +24,10 @@ from medreg.core.errors import InputError
 from medreg.core.image import Image
 from medreg.engine import RegistrationResult, initial_transform, load_preset, run_registration
 from medreg.engine.adam import Adam
-from medreg.transforms import Compose, DisplacementField, Identity, SpatialTransform, warp_image
+from medreg.engine.greedy import DEFAULT_LR
 from medreg.nets.base import NetOutput
 from medreg.nets.functional import integrate_velocity
+from medreg.transforms import Compose, DisplacementField, Identity, SpatialTransform, warp_image
 from medreg.transforms.functional import compose_displacements
 from medreg.train.preprocess import PreprocessConfig, network_grid, prediction_transform, prepare_image
 
@@ -101,8 +102,6 @@ def greedy_settings(opts: dict[str, Any]) -> dict[str, Any]:
         raise InputError("greedy instance optimisation regularises by smoothing only: set "
                          "gradient_sigma (update) and field_smoothing (total field), or use "
                          "method: adam for regularisation")
-    from medreg.engine.greedy import DEFAULT_LR
-
     stage = next(s for s in load_preset("fast").stages if s.type == "greedy")
     preset = {"similarity": dict(stage.similarity),
               "greedy_lr": stage.lr if stage.lr is not None else DEFAULT_LR,
