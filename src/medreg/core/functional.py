@@ -62,10 +62,25 @@ def jacobian_matrix(displacement: Tensor, grid: Grid) -> Tensor:
     return du_dx + eye.view(1, d, d, *([1] * d))
 
 
+def det_small(jac: Tensor) -> Tensor:
+    """Determinants of ``(N, D, D, *shape)`` matrices with ``D`` = 2 or 3, ``(N, *shape)``.
+
+    Closed form (cofactor expansion) elementwise over the voxels: several times faster than a
+    batched LU (``torch.linalg.det``) on CPU, with a cheap backward pass."""
+    d = jac.shape[1]
+    if d == 2:
+        return jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+    if d == 3:
+        j = jac
+        return (j[:, 0, 0] * (j[:, 1, 1] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 1])
+                - j[:, 0, 1] * (j[:, 1, 0] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 0])
+                + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0]))
+    return torch.linalg.det(jac.movedim(1, -1).movedim(1, -1))
+
+
 def jacobian_det(displacement: Tensor, grid: Grid) -> Tensor:
     """Determinant of :func:`jacobian_matrix`, ``(N, *shape)``."""
-    jac = jacobian_matrix(displacement, grid)
-    return torch.linalg.det(jac.movedim(1, -1).movedim(1, -1))
+    return det_small(jacobian_matrix(displacement, grid))
 
 
 @functools.lru_cache(maxsize=256)

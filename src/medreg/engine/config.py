@@ -60,6 +60,10 @@ class StageConfig:
             before each step (a "fluid-like" smoothing hook; 0 disables). Greedy: of the force.
         field_smoothing: Gaussian σ (voxels) applied to dense fields after each step
             ("diffusion-like" smoothing, 0 disables).
+        log_jacobian: greedy only: step size (units of the level's squared voxel spacing) of a
+            descent step on ``½ Σ (log det J)²`` of the total field after each update, one value
+            or one per level; 0 disables. A volume-change regulariser (see
+            :mod:`medreg.engine.greedy`); values above ~0.15 can overshoot and fold.
         tolerance: stop a level when the loss improved by less than this (relative) over
             ``patience`` steps.
         patience: steps over which convergence is checked.
@@ -82,6 +86,7 @@ class StageConfig:
     symmetric: bool = False
     gradient_sigma: float = 0.0
     field_smoothing: float = 0.0
+    log_jacobian: list[float] | float = 0.0
     tolerance: float = 1e-5
     patience: int = 20
     discrete: dict = field(default_factory=dict)
@@ -99,6 +104,18 @@ class StageConfig:
             raise InputError(f"stage {self.type}: iterations must be one count or one per level "
                              f"({len(self.levels)} levels), got {self.iterations}")
         self.iterations = [int(i) for i in its]
+        lj = self.log_jacobian if isinstance(self.log_jacobian, list) else [self.log_jacobian] * len(self.levels)
+        try:
+            lj = [float(w) for w in lj]
+        except (TypeError, ValueError):
+            lj = []
+        if len(lj) != len(self.levels) or any(not w >= 0 for w in lj):
+            raise InputError(f"stage {self.type}: log_jacobian must be one step size >= 0 or one per "
+                             f"level ({len(self.levels)} levels), got {self.log_jacobian}")
+        self.log_jacobian = lj
+        if self.type != "greedy" and any(lj):
+            raise InputError(f"stage {self.type}: log_jacobian applies to greedy stages; use "
+                             f"regularisation: {{jacobian: {{mode: log2, weight: ...}}}} instead")
         if self.smoothing is not None and len(self.smoothing) != len(self.levels):
             raise InputError(f"stage {self.type}: smoothing needs one σ (mm) per level")
         if not isinstance(self.similarity, Mapping) or "name" not in self.similarity:

@@ -346,7 +346,7 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
             a = torch.zeros_like(u) if a is None else resample_field(a, u_grid, grid)
         u_grid = grid
         step = GreedyStep(grid, stage.lr if stage.lr is not None else DEFAULT_LR, stage.gradient_sigma,
-                          stage.field_smoothing, device=dev)
+                          stage.field_smoothing, device=dev, log_jacobian=stage.log_jacobian[li])
         progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
         t_level = time.perf_counter()
         converged = _Converged(stage.tolerance, stage.patience)
