@@ -169,6 +169,31 @@ def test_greedy_volume_step_descends_the_log_jacobian_penalty():
     assert torch.allclose(step.volume_step(x.detach()), x.detach() - 0.1 * 0.8 ** 2 * grad, atol=1e-12)
 
 
+def test_greedy_volume_step_is_capped_at_half_the_update_length():
+    """Near a fold, ∂(log det)²/∂u grows like log(det)/det: the step is scaled down as a whole so
+    that no point moves more than lr/2 voxels (uncapped, it fed on itself and blew up to hundreds
+    of voxels on a 10×11×8 hippocampus level), keeping its direction (still a descent step)."""
+    from medreg.core.functional import jacobian_det
+    from medreg.engine.greedy import GreedyStep
+
+    g = Grid((9, 8, 7), (1.0, 1.3, 0.8))
+    p = g.points("world", dtype=torch.float64)  # (*shape, 3)
+    c = p - p.reshape(-1, 3).mean(0)
+    u = (-0.95 * c * torch.exp(-c.square().sum(-1, keepdim=True) / 8.0)).movedim(-1, 0).unsqueeze(0)
+    assert float(jacobian_det(u, g).amin()) < 0.1  # a near-collapse at the centre
+    step = GreedyStep(g, lr=0.3, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=0.1,
+                      dtype=torch.float64)
+    moved = step.volume_step(u) - u
+    vox = torch.einsum("ij,nj...->ni...", step.index_from_world, moved).square().sum(1).sqrt()
+    assert float(vox.amax()) == pytest.approx(0.15, rel=1e-9)
+    uncapped = GreedyStep(g, lr=1e9, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=0.1,
+                          dtype=torch.float64)
+    free = uncapped.volume_step(u) - u
+    assert float(free.abs().amax()) > 2 * float(moved.abs().amax())  # the cap was needed
+    cos = (free * moved).sum() / (free.norm() * moved.norm())
+    assert float(cos) == pytest.approx(1.0, abs=1e-12)
+
+
 def test_greedy_log_jacobian_setting_is_checked():
     from medreg.engine import config_from_dict
 

@@ -36,6 +36,19 @@ INITIALISATIONS = ("none", "geometry", "com", "moments")
 OPTIMIZERS = ("adam", "lbfgs")
 
 
+def _per_level(value, stage: "StageConfig", name: str, what: str) -> list[float]:
+    """``value`` as one non-negative number per level of ``stage`` (a single number is repeated)."""
+    items = value if isinstance(value, list) else [value] * len(stage.levels)
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != len(stage.levels) or any(not v >= 0 for v in out):
+        raise InputError(f"stage {stage.type}: {name} must be {what} or one per level "
+                         f"({len(stage.levels)} levels), got {value}")
+    return out
+
+
 @dataclass
 class StageConfig:
     """One transform stage.
@@ -99,25 +112,15 @@ class StageConfig:
         self.levels = [int(f) for f in (self.levels if isinstance(self.levels, list) else [self.levels])]
         if not self.levels or any(f < 1 for f in self.levels):
             raise InputError(f"stage {self.type}: levels must be shrink factors >= 1, got {self.levels}")
-        its = self.iterations if isinstance(self.iterations, list) else [self.iterations] * len(self.levels)
-        if len(its) != len(self.levels) or any(int(i) < 0 for i in its):
-            raise InputError(f"stage {self.type}: iterations must be one count or one per level "
-                             f"({len(self.levels)} levels), got {self.iterations}")
-        self.iterations = [int(i) for i in its]
-        lj = self.log_jacobian if isinstance(self.log_jacobian, list) else [self.log_jacobian] * len(self.levels)
-        try:
-            lj = [float(w) for w in lj]
-        except (TypeError, ValueError):
-            lj = []
-        if len(lj) != len(self.levels) or any(not w >= 0 for w in lj):
-            raise InputError(f"stage {self.type}: log_jacobian must be one step size >= 0 or one per "
-                             f"level ({len(self.levels)} levels), got {self.log_jacobian}")
-        self.log_jacobian = lj
+        self.iterations = [int(i) for i in _per_level(self.iterations, self, "iterations", "one count >= 0")]
+        self.log_jacobian = lj = _per_level(self.log_jacobian, self, "log_jacobian", "one step size >= 0")
         if self.type != "greedy" and any(lj):
             raise InputError(f"stage {self.type}: log_jacobian applies to greedy stages; use "
                              f"regularisation: {{jacobian: {{mode: log2, weight: ...}}}} instead")
-        if self.smoothing is not None and len(self.smoothing) != len(self.levels):
-            raise InputError(f"stage {self.type}: smoothing needs one σ (mm) per level")
+        if self.smoothing is not None:
+            if not isinstance(self.smoothing, list):
+                raise InputError(f"stage {self.type}: smoothing needs one σ (mm) per level, got {self.smoothing}")
+            self.smoothing = _per_level(self.smoothing, self, "smoothing", "one σ (mm) >= 0")
         if not isinstance(self.similarity, Mapping) or "name" not in self.similarity:
             raise InputError(f"stage {self.type}: similarity must be a mapping with a 'name'")
         if self.type in LINEAR_TYPES and self.symmetric:

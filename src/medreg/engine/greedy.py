@@ -101,7 +101,8 @@ class GreedyStep:
         return force * (self.lr / longest) if longest > 0 else force
 
     def compose(self, u: Tensor, v: Tensor) -> Tensor:
-        """Displacement of ``(id + u) ∘ (id + v)``, smoothed by ``field_smoothing``."""
+        """Displacement of ``(id + u) ∘ (id + v)``, smoothed by ``field_smoothing``, then
+        :meth:`volume_step` (in symmetric mode each half-field gets its own)."""
         q = self.ident_norm + torch.einsum("ij,nj...->n...i", self.norm_from_world, v)
         out = v + TF._field_sample(u, q).movedim(-1, 1)
         return self.volume_step(smooth_voxels(out, self.diffusion))
@@ -110,6 +111,8 @@ class GreedyStep:
         """``u − log_jacobian · h² · ∇_u ½ Σ (log det J)²`` (``u`` unchanged when disabled).
 
         ``det J`` is floored at 1e-3 inside the logarithm, so folded voxels get no pull from it.
+        The step is scaled down, as a whole, so that no point moves more than ``lr / 2`` voxels:
+        an uncapped explicit step can feed on itself and blow up (seen on 10³-voxel levels).
         """
         if self.log_jacobian <= 0:
             return u
@@ -117,7 +120,12 @@ class GreedyStep:
             x = u.detach().requires_grad_(True)
             logdet = torch.log(det_small(jacobian_matrix(x, self.grid)).clamp_min(1e-3))
             (grad,) = torch.autograd.grad(0.5 * logdet.square().sum(), x)
-        return u - (self.log_jacobian * min(self.grid.spacing) ** 2) * grad
+        step = (self.log_jacobian * min(self.grid.spacing) ** 2) * grad
+        vox = torch.einsum("ij,nj...->ni...", self.index_from_world, step)
+        longest = float(vox.square().sum(1).amax().sqrt())
+        if longest > 0.5 * self.lr:  # explicit steps on log det can feed back and blow up on small grids
+            step = step * (0.5 * self.lr / longest)
+        return u - step
 
 
 def greedy_level(u: Tensor, step: GreedyStep, prefix: SpatialTransform, fixed: Tensor, moving: Tensor,
