@@ -1,4 +1,4 @@
-"""Try one deformable stage on the vxm pair (after the `fast` preset's affine stage).
+"""Try one deformable stage (or a list of stages) on the vxm pair (after the `fast` preset's affine stage).
 
 Prints, per direction, the mean Dice over the 30 evaluation labels, the registration time
 (``RegistrationResult.runtime_s``), SD of log det J and folding; then the means. For quick
@@ -24,7 +24,7 @@ from _pairs import default_data_root  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", help="the deformable stage as JSON (the preset format)")
+    ap.add_argument("stage", help="the deformable stage as JSON (the preset format), or a JSON list of stages")
     ap.add_argument("directions", nargs="?", default="mf,fm", help="mf (moving→fixed), fm, or both")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=str(default_data_root()))
@@ -38,7 +38,8 @@ def main() -> None:
     d = Path(a.data) / "vxm-brain-t1-aseg" / "nifti"
     labels = [int(t) for t in (d / "eval_labels.txt").read_text().replace(",", " ").split()]
     affine = load_preset("fast").to_dict()["stages"][0]
-    cfg = {"initialisation": "com", "seed": 0, "stages": [affine, json.loads(a.stage)]}
+    extra = json.loads(a.stage)
+    cfg = {"initialisation": "com", "seed": 0, "stages": [affine, *(extra if isinstance(extra, list) else [extra])]}
     rows = []
     for direction in a.directions.split(","):
         f, m = ("fixed", "moving") if direction == "mf" else ("moving", "fixed")

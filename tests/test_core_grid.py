@@ -97,3 +97,21 @@ def test_spatial_gradient_and_jacobian_of_linear_field(oblique_grid3d):
     gx = spatial_gradient(x, spacing=(0.5, 1.0))
     assert torch.allclose(gx[:, :, 0], torch.full_like(x, 6.0))
     assert torch.equal(gx[:, :, 1], torch.zeros_like(x))
+
+
+def test_spatial_gradient_adjoint_and_cofactors():
+    """⟨∂u, g⟩ = ⟨u, ∂ᵀg⟩ for the central/one-sided differences (2D and 3D, anisotropic, axes of
+    length 2 and 3 included); cofactors are the derivatives of the determinant (autograd)."""
+    from medreg.core.functional import cofactor_small, det_small, spatial_gradient_adjoint
+
+    gen = torch.Generator().manual_seed(3)
+    for shape, spacing in (((7, 2), (0.7, 1.3)), ((3, 5, 4), (1.0, 2.0, 0.6))):
+        d = len(shape)
+        u = torch.randn(2, 3, *shape, dtype=torch.float64, generator=gen)
+        g = torch.randn(2, 3, d, *shape, dtype=torch.float64, generator=gen)
+        lhs = (spatial_gradient(u, spacing) * g).sum()
+        rhs = (u * spatial_gradient_adjoint(g, spacing)).sum()
+        assert float(lhs) == pytest.approx(float(rhs), rel=1e-12)
+        jac = torch.randn(2, d, d, 4, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
+        (ref,) = torch.autograd.grad(det_small(jac).sum(), jac)
+        assert torch.allclose(cofactor_small(jac.detach()), ref, atol=1e-12)

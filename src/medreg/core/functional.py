@@ -42,6 +42,29 @@ def spatial_gradient(x: Tensor, spacing: Sequence[float] | None = None) -> Tenso
     return torch.stack(grads, dim=2)
 
 
+def spatial_gradient_adjoint(g: Tensor, spacing: Sequence[float] | None = None) -> Tensor:
+    """Adjoint (transpose) of :func:`spatial_gradient`: ``(N, C, D, *shape) → (N, C, *shape)``,
+    ``Σ_k ∂_kᵀ g[:, :, k]``. Back-propagates a loss on derivatives to the field without autograd."""
+    d = g.dim() - 3
+    spacing = [1.0] * d if spacing is None else list(spacing)
+    out = torch.zeros_like(g[:, :, 0])
+    for comp in range(d):
+        axis = out.dim() - 1 - comp
+        n = out.shape[axis]
+        if n < 2:
+            continue
+        gk = g[:, :, comp] / spacing[comp]
+        inner = gk.narrow(axis, 1, n - 2) / 2
+        out.narrow(axis, 2, n - 2).add_(inner)
+        out.narrow(axis, 0, n - 2).sub_(inner)
+        first, last = gk.narrow(axis, 0, 1), gk.narrow(axis, n - 1, 1)
+        out.narrow(axis, 1, 1).add_(first)
+        out.narrow(axis, 0, 1).sub_(first)
+        out.narrow(axis, n - 1, 1).add_(last)
+        out.narrow(axis, n - 2, 1).sub_(last)
+    return out
+
+
 def jacobian_matrix(displacement: Tensor, grid: Grid) -> Tensor:
     """Jacobian of ``x ↦ x + u(x)`` for a world displacement on ``grid``.
 
@@ -76,6 +99,23 @@ def det_small(jac: Tensor) -> Tensor:
                 - j[:, 0, 1] * (j[:, 1, 0] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 0])
                 + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0]))
     return torch.linalg.det(jac.movedim(1, -1).movedim(1, -1))
+
+
+def cofactor_small(jac: Tensor) -> Tensor:
+    """Cofactor matrices ``C[:, i, j] = ∂ det / ∂ J[:, i, j]`` of ``(N, D, D, *shape)``, D = 2 or 3."""
+    d = jac.shape[1]
+    j = jac
+    if d == 2:
+        rows = [[j[:, 1, 1], -j[:, 1, 0]], [-j[:, 0, 1], j[:, 0, 0]]]
+    elif d == 3:
+        def minor(r0, r1, c0, c1):
+            return j[:, r0, c0] * j[:, r1, c1] - j[:, r0, c1] * j[:, r1, c0]
+        rows = [[minor(1, 2, 1, 2), -minor(1, 2, 0, 2), minor(1, 2, 0, 1)],
+                [-minor(0, 2, 1, 2), minor(0, 2, 0, 2), -minor(0, 2, 0, 1)],
+                [minor(0, 1, 1, 2), -minor(0, 1, 0, 2), minor(0, 1, 0, 1)]]
+    else:
+        raise ValueError(f"cofactor_small: D must be 2 or 3, got {d}")
+    return torch.stack([torch.stack(r, dim=1) for r in rows], dim=1)
 
 
 def jacobian_det(displacement: Tensor, grid: Grid) -> Tensor:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from medreg.core.errors import InputError
-from medreg.core.functional import det_small, jacobian_matrix, smooth_voxels
+from medreg.core.functional import cofactor_small, jacobian_matrix, smooth_voxels, spatial_gradient_adjoint
 from medreg.core.grid import Grid
 from medreg.transforms import Compose, DisplacementField, SpatialTransform, warp_image
 from medreg.transforms import functional as TF
@@ -116,10 +116,15 @@ class GreedyStep:
         """
         if self.log_jacobian <= 0:
             return u
-        with torch.enable_grad():
-            x = u.detach().requires_grad_(True)
-            logdet = torch.log(det_small(jacobian_matrix(x, self.grid)).clamp_min(1e-3))
-            (grad,) = torch.autograd.grad(0.5 * logdet.square().sum(), x)
+        # ∂/∂u ½Σ(log det J)²: per voxel ∂/∂J = (log det / det) · cofactor(J), taken back through
+        # J = I + ∂u/∂index · ∂index/∂world and the central differences by their adjoints
+        jac = jacobian_matrix(u, self.grid)
+        cof = cofactor_small(jac)
+        det = (jac[:, 0] * cof[:, 0]).sum(1)
+        weight = torch.where(det > 1e-3, torch.log(det.clamp_min(1e-3)) / det, torch.zeros_like(det))
+        d_jac = cof * weight.unsqueeze(1).unsqueeze(1)
+        d_index = torch.einsum("nij...,kj->nik...", d_jac, self.index_from_world)
+        grad = spatial_gradient_adjoint(d_index)
         step = (self.log_jacobian * min(self.grid.spacing) ** 2) * grad
         vox = torch.einsum("ij,nj...->ni...", self.index_from_world, step)
         longest = float(vox.square().sum(1).amax().sqrt())
