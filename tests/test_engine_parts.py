@@ -169,29 +169,44 @@ def test_greedy_volume_step_descends_the_log_jacobian_penalty():
     assert torch.allclose(step.volume_step(x.detach()), x.detach() - 0.1 * 0.8 ** 2 * grad, atol=1e-12)
 
 
-def test_greedy_volume_step_is_capped_at_half_the_update_length():
-    """Near a fold, ∂(log det)²/∂u grows like log(det)/det: the step is scaled down as a whole so
-    that no point moves more than lr/2 voxels (uncapped, it fed on itself and blew up to hundreds
-    of voxels on a 10×11×8 hippocampus level), keeping its direction (still a descent step)."""
+def test_greedy_volume_step_is_capped_and_pulls_folds_back():
+    """The step is scaled down as a whole so that no point moves more than lr voxels (uncapped,
+    explicit steps fed on themselves and blew up to hundreds of voxels on a 10×11×8 hippocampus
+    level), keeping its direction; below det J = VOLUME_FLOOR the penalty goes on along its
+    tangent, so a folded voxel is pulled back (with no pull there, it stayed folded)."""
     from medreg.core.functional import jacobian_det
-    from medreg.engine.greedy import GreedyStep
+    from medreg.engine.greedy import VOLUME_FLOOR, GreedyStep
 
     g = Grid((9, 8, 7), (1.0, 1.3, 0.8))
     p = g.points("world", dtype=torch.float64)  # (*shape, 3)
     c = p - p.reshape(-1, 3).mean(0)
-    u = (-0.95 * c * torch.exp(-c.square().sum(-1, keepdim=True) / 8.0)).movedim(-1, 0).unsqueeze(0)
+
+    def squeeze(a):  # compress towards the centre: collapses near a = 1.2, folds beyond
+        return (-a * c * torch.exp(-c.square().sum(-1, keepdim=True) / 8.0)).movedim(-1, 0).unsqueeze(0)
+
+    u = squeeze(0.95)
     assert float(jacobian_det(u, g).amin()) < 0.1  # a near-collapse at the centre
-    step = GreedyStep(g, lr=0.3, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=0.1,
+    step = GreedyStep(g, lr=0.3, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=2.0,
                       dtype=torch.float64)
     moved = step.volume_step(u) - u
     vox = torch.einsum("ij,nj...->ni...", step.index_from_world, moved).square().sum(1).sqrt()
-    assert float(vox.amax()) == pytest.approx(0.15, rel=1e-9)
-    uncapped = GreedyStep(g, lr=1e9, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=0.1,
+    assert float(vox.amax()) == pytest.approx(0.3, rel=1e-9)
+    uncapped = GreedyStep(g, lr=1e9, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=2.0,
                           dtype=torch.float64)
     free = uncapped.volume_step(u) - u
     assert float(free.abs().amax()) > 2 * float(moved.abs().amax())  # the cap was needed
     cos = (free * moved).sum() / (free.norm() * moved.norm())
     assert float(cos) == pytest.approx(1.0, abs=1e-12)
+    # a fold (det < 0 at the centre) is opened up by a few small steps
+    folded = squeeze(2.0)
+    det0 = jacobian_det(folded, g)
+    assert float(det0.amin()) < 0 < VOLUME_FLOOR
+    small = GreedyStep(g, lr=0.3, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=0.2,
+                       dtype=torch.float64)
+    x = folded
+    for _ in range(30):
+        x = small.volume_step(x)
+    assert int((det0 <= 0).sum()) == 18 and float(jacobian_det(x, g).amin()) > 0.5  # measured 0.88
 
 
 def test_greedy_log_jacobian_setting_is_checked():

@@ -25,21 +25,19 @@ def spatial_gradient(x: Tensor, spacing: Sequence[float] | None = None) -> Tenso
     """
     d = x.dim() - 2
     spacing = [1.0] * d if spacing is None else list(spacing)
-    grads = []
+    out = torch.empty(*x.shape[:2], d, *x.shape[2:], dtype=x.dtype, device=x.device)
     for comp in range(d):  # comp 0 = x = last tensor axis
         axis = x.dim() - 1 - comp
         n = x.shape[axis]
+        g = out[:, :, comp]
         if n < 2:
-            grads.append(torch.zeros_like(x))
+            g.zero_()
             continue
-        g = torch.empty_like(x)
-        inner = (x.narrow(axis, 2, n - 2) - x.narrow(axis, 0, n - 2)) / (2 * spacing[comp])
-        g.narrow(axis, 1, n - 2).copy_(inner)
+        # copy_ into views of one output (autograd-friendly; no stack of per-axis copies)
+        g.narrow(axis, 1, n - 2).copy_((x.narrow(axis, 2, n - 2) - x.narrow(axis, 0, n - 2)) / (2 * spacing[comp]))
         g.narrow(axis, 0, 1).copy_((x.narrow(axis, 1, 1) - x.narrow(axis, 0, 1)) / spacing[comp])
-        g.narrow(axis, n - 1, 1).copy_(
-            (x.narrow(axis, n - 1, 1) - x.narrow(axis, n - 2, 1)) / spacing[comp])
-        grads.append(g)
-    return torch.stack(grads, dim=2)
+        g.narrow(axis, n - 1, 1).copy_((x.narrow(axis, n - 1, 1) - x.narrow(axis, n - 2, 1)) / spacing[comp])
+    return out
 
 
 def spatial_gradient_adjoint(g: Tensor, spacing: Sequence[float] | None = None) -> Tensor:
@@ -80,9 +78,26 @@ def jacobian_matrix(displacement: Tensor, grid: Grid) -> Tensor:
     index_from_world = grid.matrix("world", "index", dtype=displacement.dtype,
                                    device=displacement.device)[:d, :d]
     # ∂u/∂x = ∂u/∂i · ∂i/∂x
-    du_dx = torch.einsum("nik...,kj->nij...", du_di, index_from_world)
-    eye = torch.eye(d, dtype=displacement.dtype, device=displacement.device)
-    return du_dx + eye.view(1, d, d, *([1] * d))
+    jac = matmul_small(du_di, index_from_world)  # ∂u/∂x, a fresh tensor
+    for i in range(d):
+        jac[:, i, i] += 1.0
+    return jac
+
+
+def matmul_small(a: Tensor, m: Tensor) -> Tensor:
+    """``a · m`` for per-voxel matrices ``a`` ``(N, R, K, *shape)`` and one constant ``(K, J)``
+    matrix, ``(N, R, J, *shape)``: sums of scaled slices, skipping the zeros of ``m`` (an
+    axis-aligned grid's matrices are diagonal), with none of ``einsum``'s permuted copies."""
+    coef = m.detach().cpu().tolist()
+    cols = []
+    for j in range(len(coef[0])):
+        col = None
+        for k, row in enumerate(coef):
+            if row[j] != 0.0:
+                term = a[:, :, k] * row[j]
+                col = term if col is None else col + term
+        cols.append(torch.zeros_like(a[:, :, 0]) if col is None else col)
+    return torch.stack(cols, dim=2)
 
 
 def det_small(jac: Tensor) -> Tensor:

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from medreg.core.errors import InputError
-from medreg.core.functional import cofactor_small, jacobian_matrix, smooth_voxels, spatial_gradient_adjoint
+from medreg.core.functional import (cofactor_small, jacobian_matrix, matmul_small, smooth_voxels,
+                                    spatial_gradient_adjoint)
 from medreg.core.grid import Grid
 from medreg.transforms import Compose, DisplacementField, SpatialTransform, warp_image
 from medreg.transforms import functional as TF
@@ -52,6 +53,11 @@ LossFn = Callable[[Tensor, Tensor, SpatialTransform], Tensor]
 
 #: longest update per step (voxels of the level) when a greedy stage gives no ``lr``.
 DEFAULT_LR = 0.25
+
+#: ``δ`` below which the volume step's ``½ (log det J)²`` continues linearly. Measured on vxm with
+#: the same settings: δ 0.3 gave 0.727 / SDlogJ 0.213, δ 0.1 0.725 / 0.210, no pull below 1e-3
+#: (and an unbounded one just above it) 0.725 / 0.210 (benchmarks/RESULTS.md).
+VOLUME_FLOOR = 0.3
 
 
 def index_gradient(image: Tensor) -> Tensor:
@@ -110,9 +116,11 @@ class GreedyStep:
     def volume_step(self, u: Tensor) -> Tensor:
         """``u − log_jacobian · h² · ∇_u ½ Σ (log det J)²`` (``u`` unchanged when disabled).
 
-        ``det J`` is floored at 1e-3 inside the logarithm, so folded voxels get no pull from it.
-        The step is scaled down, as a whole, so that no point moves more than ``lr / 2`` voxels:
-        an uncapped explicit step can feed on itself and blow up (seen on 10³-voxel levels).
+        Below ``det J`` = :data:`VOLUME_FLOOR` the penalty continues along its tangent (a C¹
+        extension), so compressed and folded voxels get the bounded pull ``log(δ)/δ · cof J``.
+        The step is scaled down, as a whole, so that no point moves more than ``lr`` voxels (the
+        greedy update's own longest step): an uncapped explicit step can feed on itself and blow up
+        (seen on 10³-voxel hippocampus levels).
         """
         if self.log_jacobian <= 0:
             return u
@@ -121,15 +129,18 @@ class GreedyStep:
         jac = jacobian_matrix(u, self.grid)
         cof = cofactor_small(jac)
         det = (jac[:, 0] * cof[:, 0]).sum(1)
-        weight = torch.where(det > 1e-3, torch.log(det.clamp_min(1e-3)) / det, torch.zeros_like(det))
+        # below det = VOLUME_FLOOR the penalty goes on along its tangent: compressed and folded
+        # voxels keep a bounded pull towards det 1 instead of an unbounded (or no) one
+        floored = det.clamp_min(VOLUME_FLOOR)
+        weight = torch.log(floored) / floored
         d_jac = cof * weight.unsqueeze(1).unsqueeze(1)
-        d_index = torch.einsum("nij...,kj->nik...", d_jac, self.index_from_world)
+        d_index = matmul_small(d_jac, self.index_from_world.T)
         grad = spatial_gradient_adjoint(d_index)
         step = (self.log_jacobian * min(self.grid.spacing) ** 2) * grad
         vox = torch.einsum("ij,nj...->ni...", self.index_from_world, step)
         longest = float(vox.square().sum(1).amax().sqrt())
-        if longest > 0.5 * self.lr:  # explicit steps on log det can feed back and blow up on small grids
-            step = step * (0.5 * self.lr / longest)
+        if longest > self.lr:  # explicit steps on log det can feed back and blow up on small grids
+            step = step * (self.lr / longest)
         return u - step
 
 
