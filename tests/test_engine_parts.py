@@ -163,10 +163,13 @@ def test_greedy_volume_step_descends_the_log_jacobian_penalty():
     x = (0.05 * torch.randn(1, 3, 3, 4, 5, generator=gen, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda y: 0.5 * torch.log(det_small(jacobian_matrix(y, small))).square().sum(), (x,))
-    step = GreedyStep(small, lr=0.5, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=0.1,
-                      dtype=torch.float64)
-    (grad,) = torch.autograd.grad(0.5 * torch.log(det_small(jacobian_matrix(x, small))).square().sum(), x)
-    assert torch.allclose(step.volume_step(x.detach()), x.detach() - 0.1 * 0.8 ** 2 * grad, atol=1e-12)
+    # axis-aligned (a per-axis step) and oblique (a full matrix) grids take different paths
+    tilted = Grid((5, 4, 3), (1.0, 1.3, 0.8), direction=_oblique_grid3d().direction)
+    for grid in (small, tilted):
+        step = GreedyStep(grid, lr=0.5, gradient_sigma=0.0, field_smoothing=0.0, log_jacobian=0.1,
+                          dtype=torch.float64)
+        (grad,) = torch.autograd.grad(0.5 * torch.log(det_small(jacobian_matrix(x, grid))).square().sum(), x)
+        assert torch.allclose(step.volume_step(x.detach()), x.detach() - 0.1 * 0.8 ** 2 * grad, atol=1e-12)
 
 
 def test_greedy_volume_step_is_capped_and_pulls_folds_back():

@@ -74,14 +74,28 @@ def jacobian_matrix(displacement: Tensor, grid: Grid) -> Tensor:
         ``(N, D, D, *shape)``: ``J[:, i, j] = δ_ij + ∂u_i/∂x_j`` with ``x`` in world mm.
     """
     d = grid.ndim
-    du_di = spatial_gradient(displacement)  # (N, D, D_index, *shape), per index step
     index_from_world = grid.matrix("world", "index", dtype=displacement.dtype,
                                    device=displacement.device)[:d, :d]
     # ∂u/∂x = ∂u/∂i · ∂i/∂x
-    jac = matmul_small(du_di, index_from_world)  # ∂u/∂x, a fresh tensor
+    steps = axis_steps(index_from_world)
+    if steps is not None:  # axis-aligned grid: ∂u/∂x_k = ∂u/∂i_k / (signed spacing)_k, one pass
+        jac = spatial_gradient(displacement, steps)
+    else:
+        jac = matmul_small(spatial_gradient(displacement), index_from_world)  # ∂u/∂x, a fresh tensor
     for i in range(d):
         jac[:, i, i] += 1.0
     return jac
+
+
+def axis_steps(index_from_world: Tensor) -> list[float] | None:
+    """World mm per index step along each axis (signed) when the ``(D, D)`` index-from-world
+    matrix is diagonal (an axis-aligned grid), else None: derivatives along world axes are then
+    index differences divided by these steps."""
+    m = index_from_world.detach().cpu().tolist()
+    d = len(m)
+    if any(m[i][j] != 0.0 for i in range(d) for j in range(d) if i != j) or any(m[i][i] == 0.0 for i in range(d)):
+        return None
+    return [1.0 / m[i][i] for i in range(d)]
 
 
 def matmul_small(a: Tensor, m: Tensor) -> Tensor:

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from medreg.core.errors import InputError
-from medreg.core.functional import (cofactor_small, jacobian_matrix, matmul_small, smooth_voxels,
-                                    spatial_gradient_adjoint)
+from medreg.core.functional import (axis_steps, cofactor_small, jacobian_matrix, matmul_small,
+                                    smooth_voxels, spatial_gradient_adjoint)
 from medreg.core.grid import Grid
 from medreg.transforms import Compose, DisplacementField, SpatialTransform, warp_image
 from medreg.transforms import functional as TF
@@ -134,8 +134,11 @@ class GreedyStep:
         floored = det.clamp_min(VOLUME_FLOOR)
         weight = torch.log(floored) / floored
         d_jac = cof * weight.unsqueeze(1).unsqueeze(1)
-        d_index = matmul_small(d_jac, self.index_from_world.T)
-        grad = spatial_gradient_adjoint(d_index)
+        steps = axis_steps(self.index_from_world)
+        if steps is not None:  # axis-aligned: the world-from-index factor is a per-axis step
+            grad = spatial_gradient_adjoint(d_jac, steps)
+        else:
+            grad = spatial_gradient_adjoint(matmul_small(d_jac, self.index_from_world.T))
         step = (self.log_jacobian * min(self.grid.spacing) ** 2) * grad
         vox = torch.einsum("ij,nj...->ni...", self.index_from_world, step)
         longest = float(vox.square().sum(1).amax().sqrt())
