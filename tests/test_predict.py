@@ -219,16 +219,19 @@ def test_symmetric_prediction_averages_both_directions(pair2d, tmp_path):
 
 def test_greedy_instance_settings_follow_the_fast_preset():
     """Greedy refinement takes the fast preset's greedy stage unless overridden, and refuses a
-    regularisation it would not apply (it regularises by smoothing)."""
+    regularisation it would not apply (it regularises by smoothing and the volume step; the
+    volume step's size is the fast stage's finest level's)."""
     from medreg.engine import load_preset
     from medreg.train.predict import INSTANCE_DEFAULTS, greedy_settings
 
     stage = next(s for s in load_preset("fast").stages if s.type == "greedy")
     got = greedy_settings(dict(INSTANCE_DEFAULTS))
     assert got == {"similarity": stage.similarity, "greedy_lr": stage.lr,
-                   "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing}
+                   "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing,
+                   "log_jacobian": stage.log_jacobian[-1]}
     assert greedy_settings({**INSTANCE_DEFAULTS, "gradient_sigma": 2.5})["gradient_sigma"] == 2.5
-    with pytest.raises(InputError, match="smoothing only"):
+    assert greedy_settings({**INSTANCE_DEFAULTS, "log_jacobian": 0})["log_jacobian"] == 0
+    with pytest.raises(InputError, match="smoothing and a volume step"):
         greedy_settings({**INSTANCE_DEFAULTS, "regularisation": {"diffusion": 1.0}})
 
 

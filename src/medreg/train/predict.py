@@ -84,11 +84,12 @@ def initial_alignment(fixed: Image, moving: Image, method: str) -> SpatialTransf
 #: pairs it beat 50 Adam steps, e.g. the first brain3d 0.716 vs 0.687 in 7 s vs 22 s) or ``adam`` (steps on
 #: the model's own training similarity and regularisers, its velocity for diffeomorphic models).
 #: Greedy settings left ``None`` (``similarity``, ``greedy_lr``, ``gradient_sigma``,
-#: ``field_smoothing``) take the values of the ``fast`` preset's greedy stage; greedy regularises by
-#: smoothing only, so ``regularisation`` is for ``adam``.
+#: ``field_smoothing``, ``log_jacobian``) take the values of the ``fast`` preset's greedy stage (its
+#: finest level's ``log_jacobian``); greedy regularises by smoothing and the volume step only, so
+#: ``regularisation`` is for ``adam``.
 INSTANCE_DEFAULTS = {"method": "greedy", "lr": 0.2, "similarity": None, "regularisation": None,
                      "integrate_steps": 4, "greedy_lr": None, "gradient_sigma": None,
-                     "field_smoothing": None}
+                     "field_smoothing": None, "log_jacobian": None}
 INSTANCE_METHODS = ("adam", "greedy")
 
 
@@ -99,19 +100,21 @@ INFERENCE_DEFAULT_KEYS = {"symmetric"}
 def greedy_settings(opts: dict[str, Any]) -> dict[str, Any]:
     """``opts``' greedy settings, each ``None`` replaced by the ``fast`` preset's greedy stage value."""
     if opts.get("regularisation"):
-        raise InputError("greedy instance optimisation regularises by smoothing only: set "
-                         "gradient_sigma (update) and field_smoothing (total field), or use "
-                         "method: adam for regularisation")
+        raise InputError("greedy instance optimisation regularises by smoothing and a volume step: "
+                         "set gradient_sigma (update), field_smoothing (total field) and "
+                         "log_jacobian, or use method: adam for regularisation")
     stage = next(s for s in load_preset("fast").stages if s.type == "greedy")
     preset = {"similarity": dict(stage.similarity),
               "greedy_lr": stage.lr if stage.lr is not None else DEFAULT_LR,
-              "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing}
+              "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing,
+              "log_jacobian": stage.log_jacobian[-1]}
     return {k: preset[k] if opts.get(k) is None else opts[k] for k in preset}
 
 
 def instance_greedy(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tensor, grid: Any,
                     similarity: dict[str, Any], steps: int, lr: float = 0.25,
-                    gradient_sigma: float = 1.7, field_smoothing: float = 0.35) -> torch.Tensor:
+                    gradient_sigma: float = 1.7, field_smoothing: float = 0.35,
+                    log_jacobian: float = 0.0) -> torch.Tensor:
     """Refine a network's displacement by ``steps`` greedy compositional updates
     (:mod:`medreg.engine.greedy`, as the ``fast`` preset's deformable stage) on ``similarity``.
 
@@ -120,6 +123,7 @@ def instance_greedy(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tenso
         init: ``(1, D, *grid.shape)`` displacement in voxel units of ``grid``.
         similarity: ``{name: ..., **params}`` (the regularisation is the smoothing).
         lr: longest update per step, voxels; gradient_sigma, field_smoothing: σ in voxels.
+        log_jacobian: step of the volume-change regulariser (:meth:`GreedyStep.volume_step`).
 
     Returns:
         the refined ``(1, D, *grid.shape)`` displacement (voxel units).
@@ -128,7 +132,8 @@ def instance_greedy(fixed: torch.Tensor, moving: torch.Tensor, init: torch.Tenso
     from medreg.engine.greedy import GreedyStep, greedy_level
 
     sim = build_similarity(similarity)
-    step = GreedyStep(grid, lr, gradient_sigma, field_smoothing, device=fixed.device)
+    step = GreedyStep(grid, lr, gradient_sigma, field_smoothing, device=fixed.device,
+                      log_jacobian=log_jacobian)
     u = grid.transform_vectors(init.detach().float(), "index", "world", channel_dim=1)
     u, *_ = greedy_level(u, step, Identity(grid.ndim), fixed.float(), moving.float(), grid,
                          lambda f, w, t: sim(f, w), int(steps), lambda it, value: False)
@@ -285,7 +290,7 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         if opts["method"] == "greedy":
             g = greedy_settings(opts)
             u = instance_greedy(f, m, u, grid, g["similarity"], instance_steps, g["greedy_lr"],
-                                g["gradient_sigma"], g["field_smoothing"])
+                                g["gradient_sigma"], g["field_smoothing"], g["log_jacobian"])
         else:
             loss = instance_loss(train_config or {}, opts).to(dev)
             # after several passes the field is a composition, not exp of one velocity: refine u
