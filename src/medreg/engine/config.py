@@ -76,7 +76,7 @@ class StageConfig:
         log_jacobian: greedy only: step size (units of the level's squared voxel spacing) of a
             descent step on ``½ Σ (log det J)²`` of the total field after each update, one value
             or one per level; 0 disables. A volume-change regulariser (see
-            :mod:`medreg.engine.greedy`); values above ~0.15 can overshoot and fold.
+            :mod:`medreg.engine.greedy`); a step moves no point more than ``lr`` voxels.
         tolerance: stop a level when the loss improved by less than this (relative) over
             ``patience`` steps.
         patience: steps over which convergence is checked.

@@ -77,8 +77,8 @@ class GreedyStep:
         gradient_sigma: Gaussian σ (voxels) of the force ("fluid" smoothing).
         field_smoothing: Gaussian σ (voxels) of the total field after each step ("diffusion").
         log_jacobian: step size (in units of the squared voxel spacing) of the descent step on
-            ``½ Σ (log det J)²`` after each update; 0 disables. Explicit steps: above ~0.15
-            they can overshoot and fold.
+            ``½ Σ (log det J)²`` after each update; 0 disables. A step moves no point more than
+            ``lr`` voxels (see :meth:`volume_step`).
     """
 
     def __init__(self, grid: Grid, lr: float, gradient_sigma: float, field_smoothing: float,
@@ -94,16 +94,21 @@ class GreedyStep:
         self.index_from_world = torch.linalg.inv(w_from_i).to(dtype=dtype, device=device)
         self.norm_from_world = grid.matrix("world", "norm", dtype=dtype, device=device)[:d, :d]
         self.ident_norm = grid.points("norm", dtype=dtype, device=device).unsqueeze(0)
+        self.axis_steps = axis_steps(self.index_from_world)  # None on an oblique grid
 
     def force(self, warped: Tensor, dloss: Tensor) -> Tensor:
         """``−∂loss/∂warped · ∇warped`` in world mm per unit, smoothed: ``(N, D, *shape)``."""
         per_index = -(dloss.unsqueeze(2) * index_gradient(warped)).sum(1)  # summed over channels
         return smooth_voxels(torch.einsum("ij,nj...->ni...", self.grad_to_world, per_index), self.fluid)
 
+    def longest(self, field: Tensor) -> float:
+        """Length of the longest vector of a world-mm ``field``, in voxels of the level."""
+        vox = torch.einsum("ij,nj...->ni...", self.index_from_world, field)
+        return float(vox.square().sum(1).amax().sqrt())
+
     def scale(self, force: Tensor) -> Tensor:
         """``force`` scaled so that its longest vector is ``lr`` voxels (zero stays zero)."""
-        vox = torch.einsum("ij,nj...->ni...", self.index_from_world, force)
-        longest = float(vox.square().sum(1).amax().sqrt())
+        longest = self.longest(force)
         return force * (self.lr / longest) if longest > 0 else force
 
     def compose(self, u: Tensor, v: Tensor) -> Tensor:
@@ -134,14 +139,12 @@ class GreedyStep:
         floored = det.clamp_min(VOLUME_FLOOR)
         weight = torch.log(floored) / floored
         d_jac = cof * weight.unsqueeze(1).unsqueeze(1)
-        steps = axis_steps(self.index_from_world)
-        if steps is not None:  # axis-aligned: the world-from-index factor is a per-axis step
-            grad = spatial_gradient_adjoint(d_jac, steps)
+        if self.axis_steps is not None:  # axis-aligned: the world-from-index factor is a per-axis step
+            grad = spatial_gradient_adjoint(d_jac, self.axis_steps)
         else:
             grad = spatial_gradient_adjoint(matmul_small(d_jac, self.index_from_world.T))
         step = (self.log_jacobian * min(self.grid.spacing) ** 2) * grad
-        vox = torch.einsum("ij,nj...->ni...", self.index_from_world, step)
-        longest = float(vox.square().sum(1).amax().sqrt())
+        longest = self.longest(step)
         if longest > self.lr:  # explicit steps on log det can feed back and blow up on small grids
             step = step * (self.lr / longest)
         return u - step
