@@ -74,9 +74,8 @@ def jacobian_matrix(displacement: Tensor, grid: Grid) -> Tensor:
         ``(N, D, D, *shape)``: ``J[:, i, j] = δ_ij + ∂u_i/∂x_j`` with ``x`` in world mm.
     """
     d = grid.ndim
-    index_from_world = grid.matrix("world", "index", dtype=displacement.dtype,
-                                   device=displacement.device)[:d, :d]
-    # ∂u/∂x = ∂u/∂i · ∂i/∂x
+    # ∂u/∂x = ∂u/∂i · ∂i/∂x; the matrix is only read as numbers, so it stays on the CPU
+    index_from_world = grid.matrix("world", "index", dtype=displacement.dtype)[:d, :d]
     steps = axis_steps(index_from_world)
     if steps is not None:  # axis-aligned grid: ∂u/∂x_k = ∂u/∂i_k / (signed spacing)_k, one pass
         jac = spatial_gradient(displacement, steps)
