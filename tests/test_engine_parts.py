@@ -277,3 +277,18 @@ def test_symmetric_displacement_is_b_after_the_inverse_of_a():
     inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))
     assert float(round_trip[inner].abs().max()) < 1e-3
     assert float((inv + s)[inner].abs().max()) > 0.05    # not simply −s: a real inverse
+
+
+def test_centre_of_mass_and_points_on_an_oblique_anisotropic_grid(oblique_grid3d):
+    """The centre of mass from marginal sums equals the weighted mean of the world points, and
+    ``Grid.points`` equals the index mesh mapped by the grid's matrix (to float64 rounding)."""
+    g = oblique_grid3d
+    data = torch.rand(g.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    zyx = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in g.shape], indexing="ij")
+    index = torch.stack(list(reversed(zyx)), dim=-1)
+    world = g.transform_points(index, "index", "world")
+    torch.testing.assert_close(g.points("world", dtype=torch.float64), world, rtol=0, atol=1e-12)
+    assert torch.equal(g.points("index", dtype=torch.float64), index)
+    w = data - data.min()
+    expected = (world * w[..., None]).sum((0, 1, 2)) / w.sum()
+    torch.testing.assert_close(centre_of_mass(Image(data, g)), expected, rtol=0, atol=1e-10)

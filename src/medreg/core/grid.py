@@ -280,12 +280,17 @@ class Grid:
                device: torch.device | str | None = None) -> Tensor:
         """Coordinates of every voxel centre, shape ``(*shape, D)`` (components x, y, z)."""
         frame = Frame.from_arg(frame)
-        axes = [torch.arange(n, dtype=torch.float64, device=device) for n in self.shape]
-        zyx = torch.meshgrid(*axes, indexing="ij")
-        idx = torch.stack(list(reversed(zyx)), dim=-1)
-        if frame is not Frame.INDEX:
-            idx = self.transform_points(idx, Frame.INDEX, frame)
-        return idx.to(dtype)
+        d = self.ndim
+        m = self.matrix(Frame.INDEX, frame, dtype=torch.float64, device=device)
+        # affine in the index: the sum of one (n_axis, D) profile per axis, broadcast (float64,
+        # as a matrix product of the index mesh would be, without building that mesh)
+        out = m[:d, d].reshape((1,) * d + (d,)).clone()
+        for axis, n in enumerate(self.shape):  # tensor axis a holds index component d − 1 − a
+            i = torch.arange(n, dtype=torch.float64, device=device)
+            view = [1] * d + [d]
+            view[axis] = n
+            out = out + (i[:, None] * m[:d, d - 1 - axis]).reshape(view)
+        return out.to(dtype)
 
     # ------------------------------------------------------------------ derived grids
     def center(self) -> tuple[float, ...]:

@@ -23,9 +23,23 @@ def _weights(image: Image) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def centre_of_mass(image: Image) -> torch.Tensor:
-    """Intensity-weighted centre (world mm)."""
-    pts, w = _weights(image)
-    return (pts * w[:, None]).sum(0)
+    """Intensity-weighted centre (world mm), weights the image minus its minimum.
+
+    The centre is affine in the voxel index, so it is the index-space centre (from the
+    marginal sums along each axis) mapped to world: no per-voxel coordinates are built.
+    """
+    w = image.data[0].double()
+    w = w - w.min()
+    total = w.sum()
+    if not torch.isfinite(total) or total <= 0:
+        raise InputError(f"{image.name}: the image is constant; there is nothing to register")
+    d = image.ndim
+    index = torch.zeros(d, dtype=torch.float64, device=w.device)
+    for axis in range(d):  # tensor axis a holds index component d − 1 − a
+        marginal = w.sum(dim=tuple(b for b in range(d) if b != axis))
+        index[d - 1 - axis] = (marginal * torch.arange(w.shape[axis], dtype=torch.float64,
+                                                       device=w.device)).sum() / total
+    return image.grid.transform_points(index, "index", "world")
 
 
 def principal_axes(image: Image) -> tuple[torch.Tensor, torch.Tensor]:
