@@ -115,3 +115,16 @@ def test_spatial_gradient_adjoint_and_cofactors():
         jac = torch.randn(2, d, d, 4, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
         (ref,) = torch.autograd.grad(det_small(jac).sum(), jac)
         assert torch.allclose(cofactor_small(jac.detach()), ref, atol=1e-12)
+
+
+def test_matvec_field_diagonal_and_general():
+    from medreg.core.functional import matvec_field
+
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(2, 3, 4, 5, 6, generator=g, dtype=torch.float64)
+    for m in (torch.diag(torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)),
+              torch.randn(3, 3, generator=g, dtype=torch.float64)):
+        ref = torch.einsum("ij,nj...->ni...", m, f)
+        torch.testing.assert_close(matvec_field(m, f), ref, rtol=1e-14, atol=1e-14)
+    m = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(matvec_field(m, f, diagonal=False), torch.einsum("ij,nj...->ni...", m, f))

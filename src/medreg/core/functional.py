@@ -113,6 +113,19 @@ def matmul_small(a: Tensor, m: Tensor) -> Tensor:
     return torch.stack(cols, dim=2)
 
 
+def matvec_field(m: Tensor, field: Tensor, diagonal: bool | None = None) -> Tensor:
+    """``m · field`` per voxel for a constant ``(D, D)`` matrix and a vector field
+    ``(N, D, *shape)`` (components along dim 1), ``(N, D, *shape)``. A diagonal ``m`` (an
+    axis-aligned grid's frame change) is one broadcast multiply instead of an ``einsum``;
+    ``diagonal`` says whether it is (checked when None)."""
+    diag = torch.diagonal(m)
+    if diagonal is None:
+        diagonal = bool(torch.equal(m, torch.diag_embed(diag)))
+    if diagonal:
+        return field * diag.to(field).reshape((1, -1) + (1,) * (field.dim() - 2))
+    return torch.einsum("ij,nj...->ni...", m.to(field), field)
+
+
 def det_small(jac: Tensor) -> Tensor:
     """Determinants of ``(N, D, D, *shape)`` matrices with ``D`` = 2 or 3, ``(N, *shape)``.
 

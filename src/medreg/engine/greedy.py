@@ -43,7 +43,7 @@ from torch import Tensor
 
 from medreg.core.errors import InputError
 from medreg.core.functional import (axis_steps, cofactor_small, jacobian_matrix, matmul_small,
-                                    smooth_voxels, spatial_gradient_adjoint)
+                                    matvec_field, smooth_voxels, spatial_gradient_adjoint)
 from medreg.core.grid import Grid
 from medreg.transforms import Compose, DisplacementField, SpatialTransform, warp_image
 from medreg.transforms import functional as TF
@@ -95,15 +95,16 @@ class GreedyStep:
         self.norm_from_world = grid.matrix("world", "norm", dtype=dtype, device=device)[:d, :d]
         self.ident_norm = grid.points("norm", dtype=dtype, device=device).unsqueeze(0)
         self.axis_steps = axis_steps(self.index_from_world)  # None on an oblique grid
+        self.aligned = self.axis_steps is not None  # then all three frame changes are diagonal
 
     def force(self, warped: Tensor, dloss: Tensor) -> Tensor:
         """``−∂loss/∂warped · ∇warped`` in world mm per unit, smoothed: ``(N, D, *shape)``."""
         per_index = -(dloss.unsqueeze(2) * index_gradient(warped)).sum(1)  # summed over channels
-        return smooth_voxels(torch.einsum("ij,nj...->ni...", self.grad_to_world, per_index), self.fluid)
+        return smooth_voxels(matvec_field(self.grad_to_world, per_index, self.aligned), self.fluid)
 
     def longest(self, field: Tensor) -> float:
         """Length of the longest vector of a world-mm ``field``, in voxels of the level."""
-        vox = torch.einsum("ij,nj...->ni...", self.index_from_world, field)
+        vox = matvec_field(self.index_from_world, field, self.aligned)
         return float(vox.square().sum(1).amax().sqrt())
 
     def scale(self, force: Tensor) -> Tensor:
@@ -114,7 +115,7 @@ class GreedyStep:
     def compose(self, u: Tensor, v: Tensor) -> Tensor:
         """Displacement of ``(id + u) ∘ (id + v)``, smoothed by ``field_smoothing``, then
         :meth:`volume_step` (in symmetric mode each half-field gets its own)."""
-        q = self.ident_norm + torch.einsum("ij,nj...->n...i", self.norm_from_world, v)
+        q = self.ident_norm + matvec_field(self.norm_from_world, v, self.aligned).movedim(1, -1)
         out = v + TF._field_sample(u, q).movedim(-1, 1)
         return self.volume_step(smooth_voxels(out, self.diffusion))
 
