@@ -77,12 +77,26 @@ def test_register_writes_all_outputs_that_itk_reproduces(pair, tmp_path):
     ref = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     ours = sitk.GetArrayFromImage(warped)
     rng = float(ours.max() - ours.min())
-    assert np.abs(ours - ref)[2:-2, 2:-2, 2:-2].max() < 1e-3 * rng
+    _assert_same_warp(ours, ref, rng, fixed, moving, tx)
     # the displacement field file reproduces the warp too
     field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     ref2 = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field),
                                                 sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-    assert np.abs(ours - ref2)[2:-2, 2:-2, 2:-2].max() < 1e-3 * rng
+    _assert_same_warp(ours, ref2, rng, fixed, moving, tx)
+
+
+def _assert_same_warp(ours, ref, rng, fixed, moving, tx):
+    """Our warp equals ITK's inside the image (2 border voxels off), except where a point lands
+    within 1e-3 voxel of the moving image's edge (index −0.5 or size − 0.5): there float32 vs
+    float64 rounding decides inside (interpolated) or outside (0) for either tool."""
+    bad = np.argwhere(np.abs(ours - ref)[2:-2, 2:-2, 2:-2] >= 1e-3 * rng) + 2
+    size = np.asarray(moving.GetSize())
+    for k in bad:
+        pt = fixed.TransformIndexToPhysicalPoint([int(i) for i in k[::-1]])
+        ci = np.asarray(moving.TransformPhysicalPointToContinuousIndex(tx.TransformPoint(pt)))
+        edge = np.minimum(np.abs(ci + 0.5), np.abs(ci - (size - 0.5))).min()
+        assert edge < 1e-3, (tuple(k), ci, ours[tuple(k)], ref[tuple(k)])
+    assert len(bad) <= 1e-4 * ours.size, len(bad)
 
 
 def test_seed_gives_identical_outputs(pair, tmp_path):
