@@ -11,15 +11,22 @@ from medreg.core.image import Image
 from medreg.transforms import AffineTransform
 
 
-def _weights(image: Image) -> tuple[torch.Tensor, torch.Tensor]:
-    """World points and non-negative intensity weights (image minus its minimum)."""
-    pts = image.grid.points(dtype=torch.float64).reshape(-1, image.ndim)
-    w = image.data[0].double().reshape(-1)
+def _mass(image: Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative intensity weights (image minus its minimum, float64, the image's shape) and
+    their sum; a constant image is an error."""
+    w = image.data[0].double()
     w = w - w.min()
     total = w.sum()
     if not torch.isfinite(total) or total <= 0:
         raise InputError(f"{image.name}: the image is constant; there is nothing to register")
-    return pts, w / total
+    return w, total
+
+
+def _weights(image: Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """World points and normalised weights (:func:`_mass`), one row per voxel."""
+    w, total = _mass(image)
+    pts = image.grid.points(dtype=torch.float64).reshape(-1, image.ndim)
+    return pts, w.reshape(-1) / total
 
 
 def centre_of_mass(image: Image) -> torch.Tensor:
@@ -28,11 +35,7 @@ def centre_of_mass(image: Image) -> torch.Tensor:
     The centre is affine in the voxel index, so it is the index-space centre (from the
     marginal sums along each axis) mapped to world: no per-voxel coordinates are built.
     """
-    w = image.data[0].double()
-    w = w - w.min()
-    total = w.sum()
-    if not torch.isfinite(total) or total <= 0:
-        raise InputError(f"{image.name}: the image is constant; there is nothing to register")
+    w, total = _mass(image)
     d = image.ndim
     index = torch.zeros(d, dtype=torch.float64, device=w.device)
     for axis in range(d):  # tensor axis a holds index component d − 1 − a
