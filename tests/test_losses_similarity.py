@@ -425,4 +425,3 @@ def test_float32_large_offsets_are_stable():
     ct = 1000.0 * f - 1000.0
     v = L.lncc(ct, 2 * ct + 500.0, window=5)
     assert v.item() == pytest.approx(-1.0, abs=1e-4)
-

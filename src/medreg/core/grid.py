@@ -284,7 +284,7 @@ class Grid:
         m = self.matrix(Frame.INDEX, frame, dtype=torch.float64, device=device)
         # affine in the index: the sum of one (n_axis, D) profile per axis, broadcast (float64,
         # as a matrix product of the index mesh would be, without building that mesh)
-        out = m[:d, d].reshape((1,) * d + (d,)).clone()
+        out = m[:d, d].reshape((1,) * d + (d,))
         for axis, n in enumerate(self.shape):  # tensor axis a holds index component d − 1 − a
             i = torch.arange(n, dtype=torch.float64, device=device)
             view = [1] * d + [d]

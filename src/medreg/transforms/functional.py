@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medreg.core.enums import Interpolation, Padding
+from medreg.core.functional import matvec_field
 from medreg.core.grid import Grid
 
 
@@ -478,12 +479,12 @@ def scaling_and_squaring(velocity: Tensor, grid: Grid, steps: int = 7) -> Tensor
         raise ValueError(f"steps must be >= 0, got {steps}")
     norm_from_world = grid.matrix("world", "norm", dtype=velocity.dtype,
                                   device=velocity.device)[: grid.ndim, : grid.ndim]
-    w = torch.einsum("ij,nj...->ni...", norm_from_world, velocity) / (2 ** steps)
+    w = matvec_field(norm_from_world, velocity) / (2 ** steps)
     ident = grid.points("norm", dtype=velocity.dtype, device=velocity.device)
     for _ in range(steps):
         w = w + _field_sample(w, ident + w.movedim(1, -1)).movedim(-1, 1)
     world_from_norm = torch.linalg.inv(norm_from_world)
-    return torch.einsum("ij,nj...->ni...", world_from_norm, w)
+    return matvec_field(world_from_norm, w)
 
 
 def invert_displacement(displacement: Tensor, grid: Grid, iterations: int = 50,
