@@ -22,6 +22,27 @@ def test_identity_is_exact(fixture, interp, request):
     assert torch.equal(warp_image(img, zero, g, g), img)
 
 
+def test_identity_on_the_same_grid_is_a_copy_equal_to_the_sampled_result(oblique_grid3d):
+    # warp_image skips sampling for Identity onto the source grid: same values, dtype, gradient
+    # and geometry as sampling through an identity matrix (which takes the resampling path)
+    g = oblique_grid3d
+    img = torch.rand(1, 1, *g.shape, requires_grad=True)
+    eye = AffineTransform(3, torch.eye(3), torch.zeros(3), trainable=False)
+    out = warp_image(img, Identity(3), g, g)
+    assert torch.equal(out, warp_image(img.detach(), eye, g, g)) and out.data_ptr() != img.data_ptr()
+    # the float32 autograd path to rounding (border padding: its zeros padding may drop edge
+    # nodes that rounding puts a hair outside, which the copy keeps)
+    assert torch.allclose(out, warp_image(img, eye, g, g, padding="border"), atol=1e-5)
+    out.sum().backward()
+    assert torch.equal(img.grad, torch.ones_like(img))
+    lab = Image(torch.randint(0, 5, (1, *g.shape), dtype=torch.int16), g, "l.nii.gz")
+    wl = warp_labels(lab, Identity(3), g)
+    assert wl.grid == g and wl.data.dtype == torch.int16 and torch.equal(wl.data, lab.data)
+    # a tensor whose shape is not the grid's is still resampled (no silent pass-through)
+    small = Grid(tuple(n // 2 for n in g.size), tuple(2 * s for s in g.spacing), g.origin, g.direction)
+    assert warp_image(img.detach(), Identity(3), small, small).shape[2:] == small.shape
+
+
 def test_integer_translation_shifts_array_exactly(oblique_grid3d):
     g = oblique_grid3d
     img = torch.rand(1, 1, *g.shape)

@@ -54,6 +54,7 @@ from medreg.core.errors import GeometryError, InputError
 from medreg.core.enums import Frame
 from medreg.core.grid import Grid
 from medreg.core.image import Image
+from medreg.io._gzip import ParallelGzipWriter
 from medreg.io.paths import check_output_path, file_suffix
 
 __all__ = [
@@ -459,6 +460,11 @@ def _write_nibabel(arr: np.ndarray, grid: Grid, path: Path, suffix: str) -> None
         out.set_sform(affine, code=1)
         out.set_qform(affine, code=1)
         out.header.set_xyzt_units("mm")
+        if suffix == ".nii.gz":  # nibabel writes, the blocks are compressed on all threads
+            with ParallelGzipWriter(path) as f:
+                holder = nib.FileHolder(fileobj=f)
+                out.to_file_map({"header": holder, "image": holder})
+            return
     nib.save(out, str(path))
 
 

@@ -28,7 +28,8 @@ import torch
 
 from medreg.core.errors import GeometryError, InputError
 from medreg.core.grid import Grid
-from medreg.io.images import grid_from_sitk, nifti_affine_from_grid, set_sitk_geometry
+from medreg.core.image import Image
+from medreg.io.images import grid_from_sitk, nifti_affine_from_grid, set_sitk_geometry, write_image
 from medreg.io.paths import check_output_path, file_suffix
 from medreg.transforms import (AffineTransform, BSplineTransform, Compose, DisplacementField,
                                LinearTransform, SpatialTransform, StationaryVelocityField,
@@ -243,6 +244,11 @@ def write_displacement(transform: SpatialTransform, path: str | os.PathLike, *,
             raise InputError(f"{p}: a reference grid is needed to write this transform as a field")
     with torch.no_grad():
         field = transform.displacement(grid)
+    if file_suffix(p) in (".nii", ".nii.gz"):
+        # the vector NIfTI SimpleITK would write (intent vector, (X, Y, Z, 1, D), LPS mm
+        # components), written by nibabel with the compression on all threads
+        write_image(Image(field[0].detach().to("cpu", torch.float32), grid), p)
+        return
     img = sitk.Cast(_field_to_sitk_image(field, grid), sitk.sitkVectorFloat32)
     sitk.WriteImage(img, str(p))
 
