@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -265,33 +266,45 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     """Write the standard output folder (see ``docs/architecture.md``): ``warped.nii.gz``,
     ``warped_labels.nii.gz`` (with moving labels), ``transform.h5``, ``displacement.nii.gz``,
     ``metrics.json``, ``qc.png``. Existing files are an error unless ``overwrite``."""
-    from medreg.io import write_displacement, write_image, write_transform
+    from medreg.io import write_transform
 
     out = check_outdir(outdir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in OUTPUT_FILES}
     fixed = result.fixed
-    write_image(result.warped.to("cpu"), paths["warped.nii.gz"])
     transform = result.transform.to("cpu")
     warped_labels = result.warped_labels
+    if warped_labels is None:
+        del paths["warped_labels.nii.gz"]
+    disp = result.displacement()  # the dense field once, for metrics, the field file and QC
+    # the NIfTI files (gzip, mostly outside the GIL) are written by a worker thread while this
+    # one writes the transform, the metrics and the QC picture; errors surface below
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nifti = pool.submit(_write_niftis, result.warped.to("cpu"), warped_labels,
+                            DisplacementField(disp, fixed.grid), paths)
+        write_transform(transform, paths["transform.h5"], grid=fixed.grid)
+        meta = {**result.metrics, "preset_config": result.config.to_dict(), "versions": versions(),
+                "fixed": fixed.name, "moving": result.moving.name}
+        from medreg.metrics import to_jsonable
+
+        paths["metrics.json"].write_text(json.dumps(to_jsonable(meta), indent=2))
+        if qc:
+            from medreg.viz.qc import save_qc
+
+            save_qc(paths["qc.png"], fixed, result.warped.to("cpu"), result.moving,
+                    fixed_labels=result.fixed_labels, moving_labels=result.moving_labels,
+                    warped_labels=warped_labels, displacement=disp, metrics=result.metrics)
+        else:
+            del paths["qc.png"]
+        nifti.result()
+    return paths
+
+
+def _write_niftis(warped: Image, warped_labels: Image | None, field: DisplacementField,
+                  paths: dict[str, Path]) -> None:
+    from medreg.io import write_displacement, write_image
+
+    write_image(warped, paths["warped.nii.gz"])
     if warped_labels is not None:
         write_image(warped_labels, paths["warped_labels.nii.gz"])
-    else:
-        del paths["warped_labels.nii.gz"]
-    write_transform(transform, paths["transform.h5"], grid=fixed.grid)
-    disp = result.displacement()  # the dense field once, for metrics, the field file and QC
-    write_displacement(DisplacementField(disp, fixed.grid), paths["displacement.nii.gz"])
-    meta = {**result.metrics, "preset_config": result.config.to_dict(), "versions": versions(),
-            "fixed": fixed.name, "moving": result.moving.name}
-    from medreg.metrics import to_jsonable
-
-    paths["metrics.json"].write_text(json.dumps(to_jsonable(meta), indent=2))
-    if qc:
-        from medreg.viz.qc import save_qc
-
-        save_qc(paths["qc.png"], fixed, result.warped.to("cpu"), result.moving,
-                fixed_labels=result.fixed_labels, moving_labels=result.moving_labels,
-                warped_labels=warped_labels, displacement=disp, metrics=result.metrics)
-    else:
-        del paths["qc.png"]
-    return paths
+    write_displacement(field, paths["displacement.nii.gz"])

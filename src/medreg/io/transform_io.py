@@ -58,8 +58,10 @@ def _field_to_sitk_image(field: torch.Tensor, grid: Grid) -> sitk.Image:
     """``(1, D, *shape)`` world-mm field → float64 vector image with ``grid``'s geometry."""
     if field.shape[0] != 1:
         raise InputError("only a single (unbatched) displacement field can be exported")
-    arr = field.detach().cpu().double()[0].movedim(0, -1).numpy()  # (z, y, x, D)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=True)
+    # (z, y, x, D), converted and laid out in one copy
+    arr = field.detach()[0].movedim(0, -1).to("cpu", torch.float64,
+                                               memory_format=torch.contiguous_format).numpy()
+    img = sitk.GetImageFromArray(arr, isVector=True)
     return set_sitk_geometry(img, grid)
 
 
