@@ -149,6 +149,23 @@ def test_configs_reject_unknown_keys_and_presets_load():
     assert merge_overrides(load_preset("fast"), stage2_lr=0.1).stages[1].lr == 0.1
 
 
+def test_config_dict_round_trips_and_survives_a_levels_edit():
+    # to_dict writes a setting that is the same on every level as one value, so a user who edits
+    # `levels` (in `medreg presets fast` output, or stage1_levels=...) gets a loadable config
+    for name in ("fast", "accurate", "discrete", "lung"):
+        cfg = load_preset(name)
+        assert config_from_dict(cfg.to_dict()) == cfg
+    cfg = merge_overrides(load_preset("fast"), stage1_levels=[4, 2])
+    assert cfg.stages[0].iterations == [150, 150] and cfg.stages[0].log_jacobian == [0.0, 0.0]
+    data = load_preset("fast").to_dict()
+    data["stages"][0]["levels"] = [8, 4, 2]
+    assert config_from_dict(data).stages[0].iterations == [150] * 3
+    # settings that differ per level still have to match the levels given
+    data["stages"][1]["levels"] = [8, 4, 2]
+    with pytest.raises(InputError, match="one per level"):
+        config_from_dict(data)
+
+
 def test_seed_gives_bit_identical_results(slice2d):
     g = slice2d.grid
     moving = warp_image(slice2d, AffineTransform(2, translation=[2.0, 1.0], trainable=False), g)

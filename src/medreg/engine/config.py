@@ -175,7 +175,19 @@ class RegistrationConfig:
             raise InputError("a registration config needs at least one stage")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain types in the preset format. A per-level setting with one value on every level
+        (``iterations``, ``log_jacobian``) is written as that value, so that the mapping still
+        loads after its ``levels`` are edited (``medreg presets NAME``, ``stage1_levels=...``)."""
+        data = dataclasses.asdict(self)
+        for stage in data["stages"]:
+            for key in _REPEATABLE:
+                if len(set(stage[key])) == 1:
+                    stage[key] = stage[key][0]
+        return data
+
+
+#: per-level stage settings that may be given as one value for all levels
+_REPEATABLE = ("iterations", "log_jacobian")
 
 
 def _strict(cls, data: Mapping[str, Any], where: str):
