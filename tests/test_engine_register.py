@@ -195,6 +195,35 @@ def test_discrete_stage_through_the_driver(slice2d):
         config_from_dict({"stages": [{"type": "discrete", "discrete": {"radius_mmm": 3}}]})
 
 
+def test_greedy_stage_absorbs_the_earlier_deformations(slice2d):
+    """A greedy stage after a deformable one starts from its displacement: the result is one
+    field after the linear map (whose volume step regularises all of it); with no greedy steps it
+    is the earlier transform itself; with steps it keeps refining from there."""
+    from medreg.transforms import Compose, DisplacementField, LinearTransform
+
+    g = slice2d.grid
+    truth = AffineTransform(2, translation=[6.0, -4.0], trainable=False, dtype=torch.float64)
+    moving = warp_image(slice2d, truth.inverse(), g)
+    discrete = {"type": "discrete", "discrete": {"feature_factor": 2, "radius_mm": 12, "io_iterations": 0}}
+
+    def run(*greedy):
+        return medreg.register(slice2d, moving, config={"initialisation": "none", "seed": 0,
+                                                        "stages": [discrete, *greedy]})
+
+    greedy = {"type": "greedy", "levels": [1], "similarity": {"name": "lncc", "window": 7}}
+    alone, zero = run(), run({**greedy, "iterations": [0]})
+    assert isinstance(zero.transform, Compose) and len(zero.transform.transforms) == 2
+    lin, field = zero.transform.transforms
+    assert isinstance(lin, LinearTransform) and isinstance(field, DisplacementField)
+    with torch.no_grad():
+        assert torch.allclose(zero.transform.displacement(g), alone.transform.displacement(g), atol=1e-4)
+    refined = run({**greedy, "iterations": [30], "log_jacobian": [0.1]})
+    errs = [head_endpoint_errors(slice2d, r.transform, truth)[0] for r in (alone, refined)]
+    assert errs[1] < 0.8 * errs[0], errs  # measured 0.61 vs 0.92 mm (7.2 mm before registration)
+    sym = run({**greedy, "iterations": [5], "symmetric": True})  # the midpoint split works too
+    assert head_endpoint_errors(slice2d, sym.transform, truth)[0] < 1.5 * errs[0]
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_greedy_stage_recovers_a_known_smooth_deformation(slice2d, symmetric):
     """Plain and symmetric (midpoint, as SyN) greedy updates recover a known bump."""

@@ -5,7 +5,9 @@ Convention:
     the linear part (initialisation and linear stages) and ``Dᵢ`` are the deformable stages'
     transforms on the fixed image's grid (the last applied first). Linear stages refine ``L``
     as ``L ← L ∘ S`` with ``S`` near identity about the fixed image's centre; deformable stages
-    come after all linear stages.
+    come after all linear stages. A greedy stage absorbs the deformable stages before it: its
+    field starts as their total displacement and replaces them (``T = L ∘ (id + u)``), so its
+    volume step regularises the whole deformation.
 """
 
 from __future__ import annotations
@@ -281,10 +283,10 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
             deformations.append(res.forward)
             inverse = res.backward
             continue
-        if stage.type == "greedy":
-            deformations.append(_run_greedy(si, nstages, stage, fixed, moving, fixed_mask,
-                                            moving_mask, linear, deformations, progress, history,
-                                            levels))
+        if stage.type == "greedy":  # absorbs the earlier deformations (see _run_greedy)
+            deformations = [_run_greedy(si, nstages, stage, fixed, moving, fixed_mask,
+                                        moving_mask, linear, deformations, progress, history,
+                                        levels)]
             inverse = None
             continue
         sim = build_similarity(stage.similarity)
@@ -332,7 +334,11 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
                                       symmetric_displacement)
 
     sim = build_similarity(stage.similarity)
-    prefix = linear if not earlier else Compose(linear, *earlier)
+    # earlier deformable stages are absorbed: the field starts as their total displacement, so
+    # the stage's field is the whole deformation after ``linear`` and its volume step regularises
+    # all of it (a discrete stage's folds included), not only the greedy part
+    absorbed = None if not earlier else (earlier[0] if len(earlier) == 1 else Compose(*earlier))
+    prefix = linear
     u: Tensor | None = None
     a: Tensor | None = None  # symmetric: midpoint → fixed (u is then midpoint → moving)
     u_grid: Grid | None = None
@@ -341,7 +347,12 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
         level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma, cache)
         grid = level.fixed.grid
         dev = level.fixed.data.device
-        u = torch.zeros(1, grid.ndim, *grid.shape, device=dev) if u is None else resample_field(u, u_grid, grid)
+        if u is None:
+            with torch.no_grad():
+                u = (torch.zeros(1, grid.ndim, *grid.shape, device=dev) if absorbed is None
+                     else absorbed.displacement(grid).to(device=dev, dtype=torch.float32))
+        else:
+            u = resample_field(u, u_grid, grid)
         if stage.symmetric:
             a = torch.zeros_like(u) if a is None else resample_field(a, u_grid, grid)
         u_grid = grid
