@@ -379,3 +379,20 @@ def test_overwriting_the_file_just_read(tmp_path, oblique_grid3d):
     image = read_image(path)
     write_image(image.with_data(image.data + 1), path)
     assert torch.equal(read_image(path).data, image.data + 1)
+
+
+def test_parallel_gzip_writer_edge_sizes(tmp_path, monkeypatch):
+    # one member per block, none wasted at an exact multiple, one (empty) member for no data;
+    # the whole file decompresses to the bytes written
+    import gzip
+
+    import medreg.io._gzip as pgz
+
+    monkeypatch.setattr(pgz, "BLOCK", 4)
+    for data, members in ((b"", 1), (b"abcd", 1), (b"abcdefgh", 2), (b"abcdefghij", 3)):
+        with pgz.ParallelGzipWriter(tmp_path / "t.gz", threads=2) as f:
+            for i in range(0, len(data), 3):  # writes that straddle the blocks
+                f.write(data[i:i + 3])
+            assert f.tell() == len(data)
+        raw = (tmp_path / "t.gz").read_bytes()
+        assert raw.count(b"\x1f\x8b\x08") == members and gzip.decompress(raw) == data

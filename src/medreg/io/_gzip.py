@@ -40,6 +40,7 @@ class ParallelGzipWriter(io.RawIOBase):
         self._pending: list[Future] = []
         self._buffer = bytearray()
         self._size = 0
+        self._members = 0
 
     def writable(self) -> bool:
         return True
@@ -67,6 +68,7 @@ class ParallelGzipWriter(io.RawIOBase):
         return view.nbytes
 
     def _submit(self, block: bytes) -> None:
+        self._members += 1
         self._pending.append(self._pool.submit(gzip.compress, block, self._level, mtime=0))
         # write finished members in order as they come, so memory stays a few blocks deep
         while self._pending and self._pending[0].done():
@@ -76,7 +78,7 @@ class ParallelGzipWriter(io.RawIOBase):
         if self.closed:
             return
         try:
-            if self._buffer or not self._pending:  # an empty file is still one (empty) member
+            if self._buffer or not self._members:  # an empty file is still one (empty) member
                 self._submit(bytes(self._buffer))
                 self._buffer.clear()
             for fut in self._pending:
