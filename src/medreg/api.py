@@ -273,6 +273,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     paths = {name: out / name for name in OUTPUT_FILES}
     fixed = result.fixed
     transform = result.transform.to("cpu")
+    warped = result.warped.to("cpu")
     warped_labels = result.warped_labels
     if warped_labels is None:
         del paths["warped_labels.nii.gz"]
@@ -280,7 +281,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     # the NIfTI files (gzip, mostly outside the GIL) are written by a worker thread while this
     # one writes the transform, the metrics and the QC picture; errors surface below
     with ThreadPoolExecutor(max_workers=1) as pool:
-        nifti = pool.submit(_write_niftis, result.warped.to("cpu"), warped_labels,
+        nifti = pool.submit(_write_niftis, warped, warped_labels,
                             DisplacementField(disp, fixed.grid), paths)
         write_transform(transform, paths["transform.h5"], grid=fixed.grid)
         meta = {**result.metrics, "preset_config": result.config.to_dict(), "versions": versions(),
@@ -291,7 +292,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
         if qc:
             from medreg.viz.qc import save_qc
 
-            save_qc(paths["qc.png"], fixed, result.warped.to("cpu"), result.moving,
+            save_qc(paths["qc.png"], fixed, warped, result.moving,
                     fixed_labels=result.fixed_labels, moving_labels=result.moving_labels,
                     warped_labels=warped_labels, displacement=disp, metrics=result.metrics)
         else:

@@ -36,6 +36,10 @@ INITIALISATIONS = ("none", "geometry", "com", "moments")
 OPTIMIZERS = ("adam", "lbfgs")
 
 
+#: per-level stage settings that may be given as one value for all levels
+_REPEATABLE = ("iterations", "log_jacobian")
+
+
 def _per_level(value, stage: "StageConfig", name: str, what: str) -> list[float]:
     """``value`` as one non-negative number per level of ``stage`` (a single number is repeated)."""
     items = value if isinstance(value, list) else [value] * len(stage.levels)
@@ -184,10 +188,6 @@ class RegistrationConfig:
                 if len(set(stage[key])) == 1:
                     stage[key] = stage[key][0]
         return data
-
-
-#: per-level stage settings that may be given as one value for all levels
-_REPEATABLE = ("iterations", "log_jacobian")
 
 
 def _strict(cls, data: Mapping[str, Any], where: str):

@@ -338,7 +338,6 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
     # the stage's field is the whole deformation after ``linear`` and its volume step regularises
     # all of it (a discrete stage's folds included), not only the greedy part
     absorbed = None if not earlier else (earlier[0] if len(earlier) == 1 else Compose(*earlier))
-    prefix = linear
     u: Tensor | None = None
     a: Tensor | None = None  # symmetric: midpoint → fixed (u is then midpoint → moving)
     u_grid: Grid | None = None
@@ -375,10 +374,10 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
 
         if stage.symmetric:
             a, u, steps, first, last = greedy_level_symmetric(
-                a, u, step, prefix, level.fixed.batch(), level.moving.batch(), level.moving.grid,
+                a, u, step, linear, level.fixed.batch(), level.moving.batch(), level.moving.grid,
                 sym_loss, stage.iterations[li], report)
         else:
-            u, steps, first, last = greedy_level(u, step, prefix, level.fixed.batch(), level.moving.batch(),
+            u, steps, first, last = greedy_level(u, step, linear, level.fixed.batch(), level.moving.batch(),
                                                  level.moving.grid, loss_fn, stage.iterations[li], report)
         progress.end(last)
         history.append({"stage": si + 1, "type": stage.type, "factor": factor, "iterations": steps,
