@@ -195,6 +195,34 @@ def test_cost_volume_masks_make_the_cost_neutral(slice2d):
     assert float(inner.std(0).min()) > 0
 
 
+def test_max_first_matches_argmax_with_ties():
+    from medreg.engine.discrete import _max_first
+
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randint(0, 4, (2, 27, 500), generator=gen).to(torch.float32)  # many ties
+    e[1, :, 7] = float("nan")  # a NaN column still gives a valid label
+    top, arg = _max_first(e)
+    ok = ~torch.isnan(e).any(1, keepdim=True)
+    assert torch.equal(top[ok], e.amax(1, keepdim=True)[ok])
+    assert torch.equal(arg[ok], e.argmax(1, keepdim=True)[ok])  # argmax: the first maximum
+    assert int(arg.min()) >= 0 and int(arg.max()) < e.shape[1]
+
+
+def test_convex_optimise_does_not_depend_on_the_chunking(slice2d, monkeypatch):
+    import medreg.engine.discrete as discrete
+
+    params = DiscreteParams(feature_factor=2, radius_mm=8)
+    coarse = slice2d.grid.downsample(2)
+    plan = search_plan(coarse, params.radius_mm)
+    f = feature_maps(slice2d.batch(), slice2d.grid, params, plan.search)
+    cv = cost_volume(plan.centre(f), f, plan.offsets, plan.stride)
+    ref = convex_optimise(cv.cost, plan.offsets_mm, coarse, params, plan.step_mm)
+    assert coarse.numel > 64
+    monkeypatch.setattr(discrete, "CACHE_BYTES", 64 * plan.num_labels * 4)  # 64-voxel chunks
+    small = convex_optimise(cv.cost, plan.offsets_mm, coarse, params, plan.step_mm)
+    assert torch.allclose(small, ref, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- inverse consistency
 def test_inverse_consistent_mode(slice2d):
     truth = bump(slice2d, 6.0, 12.0, [-0.5, 1.0])

@@ -396,6 +396,12 @@ def feature_maps(image: Tensor, grid: Grid, params: DiscreteParams, target: Grid
     return out
 
 
+#: Bytes of a working chunk of candidates (cost volume, its box filter) or of ``candidates ×
+#: voxels`` (the per-voxel softmin): small enough for the last-level cache, large enough to
+#: amortise the per-operation overhead.
+CACHE_BYTES = 4 * 2 ** 20
+
+
 # =========================================================================== cost volume
 @dataclass
 class CostVolume:
@@ -456,7 +462,8 @@ def cost_volume(feat_fixed: Tensor, feat_moving: Tensor, offsets: Tensor,
         feat_moving: ``(N, C, *search)`` with ``search = (shape − 1)·stride + 1 + 2·pad``.
         offsets: ``(L, D)`` integer shifts in search voxels, ``(x, y, z)``; ``|o| <= pad``.
         stride: search voxels between coarse voxels (per axis ``x, y, z`` or one value).
-        chunk: candidates computed together (default: from ``memory_mb``, else all).
+        chunk: candidates computed together (default: as many as fit :data:`CACHE_BYTES`,
+            fewer if ``memory_mb`` demands).
         memory_mb: budget for the volume plus temporaries (see :func:`cost_chunk`).
         fixed_weight: ``(N or 1, 1, *shape)`` in [0, 1]; where 0 the cost is ``neutral``.
         moving_weight: ``(N or 1, 1, *search)`` in [0, 1], shifted with the features.
@@ -491,16 +498,17 @@ def cost_volume(feat_fixed: Tensor, feat_moving: Tensor, offsets: Tensor,
     esize = feat_fixed.element_size()
     weighted = moving_weight is not None
     if chunk is None:
+        # a chunk's buffers stay in the cache while the channels accumulate (2× faster on vxm's
+        # 729 × 107 k volume than one chunk of all candidates), within the memory budget
+        chunk = max(1, CACHE_BYTES // (n * vox * esize * (2 if weighted else 1)))
         if memory_mb is not None:
-            chunk, _ = cost_chunk(nl, vox, n, memory_mb=memory_mb, element_size=esize,
-                                  weighted=weighted)
-        else:
-            chunk = nl
+            chunk = min(chunk, cost_chunk(nl, vox, n, memory_mb=memory_mb, element_size=esize,
+                                          weighted=weighted)[0])
     chunk = max(1, min(int(chunk), nl))
     volume_bytes = n * nl * vox * esize
     peak = volume_bytes + chunk * n * vox * esize * (2 if weighted else 1)
-    ff = feat_fixed.detach()
-    fm = feat_moving.detach().to(ff.dtype)
+    ff = feat_fixed.detach().contiguous()  # (a strided view makes each chunk's subtraction slow)
+    fm = feat_moving.detach().to(ff.dtype).contiguous()
     neutral = 0.0
     if weighted or fixed_weight is not None:  # (before the volume is allocated)
         z = (ff - _shifted(fm, (0,) * d, pad, st, shape)).square().mean(1, keepdim=True)
@@ -591,6 +599,21 @@ def _box_neighbours(lattice: Tensor, window: int) -> tuple[Tensor, Tensor, Tenso
     return (delta * strides).sum(1), delta.to(lattice.dtype), torch.stack([lo, ext])
 
 
+def _max_first(e: Tensor) -> tuple[Tensor, Tensor]:
+    """``e.max(1, keepdim=True)`` with the first maximal index, for ``(N, L, V)``.
+
+    On CPU ``max``/``argmax`` with indices over a non-innermost dimension run about 20× slower
+    than ``amax`` (a per-voxel scalar loop instead of a vectorised sweep); an ``amax``, a compare
+    and an ``amin`` of the matching label indices give the same result. Indices are clamped so
+    that a NaN column (no match) still yields a valid label.
+    """
+    nl = e.shape[1]
+    top = e.amax(1, keepdim=True)
+    labels = torch.arange(nl, dtype=torch.int32, device=e.device).view(1, nl, 1)
+    arg = torch.where(e == top, labels, nl).amin(1, keepdim=True).clamp_(max=nl - 1)
+    return top, arg.long()
+
+
 def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None, lam_t: float,
                          chunk: int, extra: Tensor | None = None, lattice: Tensor | None = None,
                          window: int = -1) -> Tensor:
@@ -600,12 +623,18 @@ def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None,
     optional ``(N, L, V)`` term added to ``−a·C``. With ``window >= 0`` only the candidates
     within ``window`` lattice steps (``lattice``: ``(L, D)`` integer coordinates) of each
     voxel's arg-min enter the softmax (gathered directly for a box lattice, masked otherwise).
-    Runs over voxel chunks of ``chunk``.
+    Runs over voxel chunks of ``chunk``, at most :data:`CACHE_BYTES` of candidates each (the
+    half-dozen passes over a chunk then stay in the CPU cache: 2.2× faster than one chunk of all
+    voxels on the vxm cost volume).
     """
     n, nl, vox = cost.shape
+    chunk = max(64, min(int(chunk), CACHE_BYTES // max(1, n * nl * cost.element_size())))
     d = q.shape[1]
-    qn = q.unsqueeze(0).expand(n, nl, d)
-    bias = q.square().sum(1).view(1, nl, 1) * lam_t
+    # −a·C − (λ/T)|q − ū|² = −a·C + (2λ/T)(q·ū − |q|²/2) − (λ/T)|ū|² (the last term cancels in
+    # the softmax): one batched multiply-add, [q, −|q|²/2] @ [ū; 1], on top of −a·C
+    if ubar is not None:
+        qb = torch.cat([q, -0.5 * q.square().sum(1, keepdim=True)], 1).unsqueeze(0).expand(n, nl, d + 1)
+        ub1 = torch.cat([ubar, torch.ones_like(ubar[:, :1])], 1)
     qt1 = torch.cat([q.T, torch.ones(1, nl, dtype=q.dtype, device=q.device)], 0)
     qt1 = qt1.unsqueeze(0).expand(n, d + 1, nl)
     local = window >= 0 and lattice is not None
@@ -616,14 +645,13 @@ def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None,
         v1 = min(vox, v0 + chunk)
         e = buf if v1 - v0 == buf.shape[2] else torch.empty((n, nl, v1 - v0), dtype=cost.dtype,
                                                                device=cost.device)
-        torch.mul(cost[:, :, v0:v1], -a, out=e)
+        if ubar is not None:
+            e.copy_(cost[:, :, v0:v1]).baddbmm_(qb, ub1[:, :, v0:v1], beta=-a, alpha=2.0 * lam_t)
+        else:
+            torch.mul(cost[:, :, v0:v1], -a, out=e)
         if extra is not None:
             e.add_(extra[:, :, v0:v1])
-        if ubar is not None:
-            # −(λ/T)|q − ū|² = (λ/T)(2 q·ū − |q|²) − (λ/T)|ū|²; the last term cancels
-            e.baddbmm_(qn, ubar[:, :, v0:v1], alpha=2.0 * lam_t)
-            e.sub_(bias)
-        top, arg = e.max(1, keepdim=True)
+        top, arg = _max_first(e)
         if box is not None:
             # only the (2w+1)^D neighbours of the arg-min: gather them, no pass over all labels
             dl, dlat, (lo, ext) = box
@@ -954,11 +982,16 @@ def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = 
         stats["cost_peak_mb"] = round(cv.peak_bytes / 2 ** 20, 2)
         stats["cost_chunk"] = cv.chunk
         cost = cv.cost
-        if p.cost_radius > 0:  # in place, half a chunk of candidates at a time (two buffers)
-            step = max(1, cv.chunk // 2)
+        if p.cost_radius > 0:
+            # in place, a few candidates at a time: at most half a chunk (two buffers) and
+            # CACHE_BYTES, so the filter's passes stay in the cache (3× faster on vxm)
+            per_label = cost[:, :1].numel() * cost.element_size()
+            step = max(1, min(cv.chunk // 2, CACHE_BYTES // per_label))
+            t1 = time.perf_counter()
             for l0 in range(0, cost.shape[1], step):
                 sl = cost[:, l0:l0 + step]
                 sl.copy_(box_filter(sl, p.cost_radius))
+            stats[f"cost_filter_{tag}_s"] = round(time.perf_counter() - t1, 3)
         t1 = time.perf_counter()
         u = convex_optimise(cost, plan.offsets_mm.to(dev), coarse, p, plan.step_mm)
         stats[f"convex_{tag}_s"] = round(time.perf_counter() - t1, 3)
