@@ -58,7 +58,6 @@ def main() -> None:
     coarse = fixed.grid.downsample(p.feature_factor)
     plan = search_plan(coarse, p.radius_mm, p.step_mm)
     ident = Identity(fixed.ndim)
-    bw = copy_bandwidth() * 1e9  # bytes/s, read + write counted
     rows: list[tuple[str, float, float]] = []
 
     def part(name: str, fn, traffic: float) -> None:
@@ -123,6 +122,9 @@ def main() -> None:
         v = gs.scale(gs.force(warped, dl))
         part("greedy: compose + volume step", lambda: gs.compose(uu, v), vox * 12)
 
+    # measured last: numpy's two 512 MB buffers, freed, leave later large torch allocations
+    # slower to fault in (seen: the cost volume 0.38 → 1.05 s after it)
+    bw = copy_bandwidth() * 1e9  # bytes/s, read + write counted
     print(f"{a.threads} threads; copy bandwidth (numpy, read + write) {bw / 1e9:.1f} GB/s\n")
     print("| part | median ms | unavoidable traffic MB | at copy bandwidth ms | × the limit |")
     print("|---|---|---|---|---|")
