@@ -24,21 +24,17 @@ import numpy as np
 import torch
 
 from medreg.core.grid import Grid
-from medreg.engine.config import load_config
 from medreg.engine.discrete import (CACHE_BYTES, DiscreteParams, box_filter, convex_optimise,
                                     cost_volume, feature_maps, search_plan)
 from medreg.engine.greedy import GreedyStep
-from medreg.engine.presets import load_preset
 from medreg.engine.pyramid import pyramid_level, resample_field
 from medreg.io import read_image
 from medreg.losses.functional import lncc
 from medreg.transforms import DisplacementField, Identity, warp_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _profile import DATA, first_stage  # noqa: E402
 from bench_warp import copy_bandwidth, timed  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/vxm-brain-t1-aseg/nifti"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,10 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = load_config(a.preset) if a.preset.endswith((".yaml", ".yml")) else load_preset(a.preset)
-    stage = next((st for st in cfg.stages if st.type == "discrete"), None)
-    if stage is None:
-        sys.exit(f"{a.preset} has no discrete stage to profile")
+    stage = first_stage(a.preset, "discrete")
     p = DiscreteParams.from_dict(stage.discrete)
     fixed, moving = read_image(a.data / "fixed.nii.gz"), read_image(a.data / "moving.nii.gz")
     fdata, mdata = fixed.batch(torch.float32), moving.batch(torch.float32)

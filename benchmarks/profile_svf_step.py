@@ -20,18 +20,14 @@ from pathlib import Path
 import torch
 
 from medreg.engine.driver import build_regularisers, build_similarity
-from medreg.engine.config import load_config
-from medreg.engine.presets import load_preset
 from medreg.engine.pyramid import pyramid_level
 from medreg.io import read_image
 from medreg.transforms import DisplacementField, warp_image
 from medreg.transforms.functional import scaling_and_squaring
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _profile import DATA, first_stage  # noqa: E402
 from bench_warp import copy_bandwidth, timed  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/vxm-brain-t1-aseg/nifti"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,10 +40,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = load_config(a.preset) if a.preset.endswith((".yaml", ".yml")) else load_preset(a.preset)
-    stage = next((st for st in cfg.stages if st.type == "svf"), None)
-    if stage is None:
-        sys.exit(f"{a.preset} has no svf stage to profile")
+    stage = first_stage(a.preset, "svf")
     steps = a.steps if a.steps is not None else stage.steps
     fixed = pyramid_level(read_image(a.data / "fixed.nii.gz"), a.factor, None)
     moving = pyramid_level(read_image(a.data / "moving.nii.gz"), a.factor, None)
