@@ -871,8 +871,9 @@ class DiscreteResult:
     """What :func:`run_discrete` produced.
 
     Attributes:
-        forward: ``u`` on ``fixed.grid`` with ``T = prefix ∘ (id + u)`` (world mm).
-        backward: with ``inverse_consistent``, ``v`` on ``fixed.grid`` with ``(id + v)`` the
+        forward: ``u`` on ``fixed.grid`` (or the stage's own grid, ``full_grid=False``) with
+            ``T = prefix ∘ (id + u)`` (world mm).
+        backward: with ``inverse_consistent``, ``v`` on the same grid with ``(id + v)`` the
             inverse of ``(id + u)`` (so ``T⁻¹ = (id + v) ∘ prefix⁻¹``); else None.
         coarse: the discrete (convex) field on ``plan.coarse`` (after symmetrisation).
         plan: the search space.
@@ -933,8 +934,8 @@ def _refine(fdata: Tensor, fgrid: Grid, mdata: Tensor, mgrid: Grid, prefix: Spat
 
 def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = None,
                  params: DiscreteParams | Mapping | None = None, *,
-                 fixed_mask: Image | None = None, moving_mask: Image | None = None
-                 ) -> DiscreteResult:
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None,
+                 full_grid: bool = True) -> DiscreteResult:
     """Discrete search + convex smoothing + instance optimisation; see the module docstring.
 
     Args:
@@ -944,9 +945,14 @@ def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = 
         params: :class:`DiscreteParams` (or a mapping of its fields).
         fixed_mask, moving_mask: restrict the data term to non-zero voxels (on their images'
             grids); elsewhere the field follows the regularisation.
+        full_grid: resample the fields onto ``fixed.grid`` (default); False keeps them on the
+            grid they were computed on (same box, coarser; the transform is the same, sampled
+            linearly with border extension), for a next stage that resamples them anyway (a
+            greedy stage absorbing them on its own levels): saves the full-resolution field.
 
     Returns:
-        :class:`DiscreteResult` (``forward`` is the stage's transform on ``fixed.grid``).
+        :class:`DiscreteResult` (``forward`` is the stage's transform, on ``fixed.grid`` with
+        ``full_grid``).
     """
     p = DiscreteParams.from_dict(params) if not isinstance(params, DiscreteParams) else params
     if fixed.ndim != moving.ndim:
@@ -1013,13 +1019,14 @@ def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = 
                             fixed_mask, moving_mask, stats)
     else:
         src = coarse
+    out_grid = fixed.grid if full_grid else src
     with torch.no_grad():
-        full_u = _resample(u, src, fixed.grid)
-        full_v = None if v is None else _resample(v, src, fixed.grid)
+        full_u = _resample(u, src, out_grid)
+        full_v = None if v is None else _resample(v, src, out_grid)
     stats["total_s"] = round(time.perf_counter() - t_start, 3)
     log.info("discrete registration: %s", stats)
-    fwd = DisplacementField(full_u.detach(), fixed.grid)
-    bwd = None if full_v is None else DisplacementField(full_v.detach(), fixed.grid)
+    fwd = DisplacementField(full_u.detach(), out_grid)
+    bwd = None if full_v is None else DisplacementField(full_v.detach(), out_grid)
     return DiscreteResult(fwd, bwd, coarse_u.detach(), plan, stats)
 
 

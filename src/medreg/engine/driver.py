@@ -278,8 +278,10 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
     levels: dict = {}  # pyramid levels shared by the stages of this run
     for si, stage in enumerate(config.stages):
         if stage.type == "discrete":
+            # a greedy stage next absorbs the field on its own levels: keep it on its grid
+            absorbed = si + 1 < nstages and config.stages[si + 1].type == "greedy"
             res = _run_discrete(si, nstages, stage, fixed, moving, fixed_mask, moving_mask, linear,
-                                deformations, progress, history)
+                                deformations, progress, history, full_grid=not absorbed)
             deformations.append(res.forward)
             inverse = res.backward
             continue
@@ -311,13 +313,15 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
 
 def _run_discrete(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
                   fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
-                  earlier: list[SpatialTransform], progress: Progress, history: list):
+                  earlier: list[SpatialTransform], progress: Progress, history: list,
+                  full_grid: bool = True):
     from medreg.engine.discrete import DiscreteParams, run_discrete
 
     params = DiscreteParams.from_dict(stage.discrete, f"stage {si + 1}: discrete")
     prefix = linear if not earlier else Compose(linear, *earlier)
     progress.start(si, nstages, "discrete", 0, 1, params.feature_factor, params.io_iterations)
-    res = run_discrete(fixed, moving, prefix, params, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    res = run_discrete(fixed, moving, prefix, params, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                       full_grid=full_grid)
     progress.update(params.io_iterations, float("nan"))
     progress.end(float("nan"))
     history.append({"stage": si + 1, "type": "discrete", "factor": params.feature_factor,
