@@ -599,8 +599,9 @@ def _box_neighbours(lattice: Tensor, window: int) -> tuple[Tensor, Tensor, Tenso
     return (delta * strides).sum(1), delta.to(lattice.dtype), torch.stack([lo, ext])
 
 
-def _max_first(e: Tensor) -> tuple[Tensor, Tensor]:
-    """``e.max(1, keepdim=True)`` with the first maximal index, for ``(N, L, V)``.
+def _max_first(e: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``e.max(1, keepdim=True)`` with the first maximal index, for ``(N, L, V)`` (``labels``:
+    ``arange(L)`` as int32 ``(1, L, 1)``, made here when not given).
 
     On CPU ``max``/``argmax`` with indices over a non-innermost dimension run about 20× slower
     than ``amax`` (a per-voxel scalar loop instead of a vectorised sweep); an ``amax``, a compare
@@ -609,7 +610,8 @@ def _max_first(e: Tensor) -> tuple[Tensor, Tensor]:
     """
     nl = e.shape[1]
     top = e.amax(1, keepdim=True)
-    labels = torch.arange(nl, dtype=torch.int32, device=e.device).view(1, nl, 1)
+    if labels is None:
+        labels = torch.arange(nl, dtype=torch.int32, device=e.device).view(1, nl, 1)
     arg = torch.where(e == top, labels, nl).amin(1, keepdim=True).clamp_(max=nl - 1)
     return top, arg.long()
 
@@ -637,6 +639,7 @@ def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None,
         ub1 = torch.cat([ubar, torch.ones_like(ubar[:, :1])], 1)
     qt1 = torch.cat([q.T, torch.ones(1, nl, dtype=q.dtype, device=q.device)], 0)
     qt1 = qt1.unsqueeze(0).expand(n, d + 1, nl)
+    labels = torch.arange(nl, dtype=torch.int32, device=cost.device).view(1, nl, 1)
     local = window >= 0 and lattice is not None
     box = _box_neighbours(lattice, window) if local else None
     u = torch.empty((n, d, vox), dtype=cost.dtype, device=cost.device)
@@ -651,7 +654,7 @@ def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None,
             torch.mul(cost[:, :, v0:v1], -a, out=e)
         if extra is not None:
             e.add_(extra[:, :, v0:v1])
-        top, arg = _max_first(e)
+        top, arg = _max_first(e, labels)
         if box is not None:
             # only the (2w+1)^D neighbours of the arg-min: gather them, no pass over all labels
             dl, dlat, (lo, ext) = box
