@@ -48,3 +48,19 @@ def test_info_missing_file_is_one_line_exit_2(tmp_path):
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medreg info: error:")
     assert "missing.nii.gz" in err[0]
+
+
+def test_reuse_freed_memory_applies_on_glibc_and_respects_the_users_settings(monkeypatch):
+    import platform
+
+    from medreg.cli._memory import reuse_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert reuse_freed_memory() is False  # the user's own glibc setting wins
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    applied = reuse_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    else:
+        assert applied is False

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from medreg.cli._memory import reuse_freed_memory
 from medreg.core.errors import MedregError
 
 
@@ -33,6 +34,7 @@ class MedregGroup(click.Group):
 @click.version_option(package_name="medreg")
 def main() -> None:
     """medreg: medical image registration (world frame LPS mm, as ITK/ANTs/elastix)."""
+    reuse_freed_memory()  # before any large allocation (see medreg.cli._memory)
 
 
 # subcommands register themselves on import
