@@ -210,13 +210,10 @@ def separable_filter(x: Tensor, kernels: Sequence[Tensor | Sequence[float] | Non
         axis = 2 + d - 1 - comp  # tensor dimension of this component's axis
         tracked = torch.is_grad_enabled() and out.requires_grad
         nbytes = out.numel() * out.element_size()
-        if tracked or nbytes <= FILTER_SLAB_BYTES or out.device.type != "cpu":
-            out = _filter_pass(out, w, axis, padding)
-            continue
         # slabs along the outermost other spatial axis (else the channels, else the batch)
         order = [a for a in range(2, x.dim()) if a != axis] + [1, 0]
         other = next((a for a in order if out.shape[a] > 1), None)
-        if other is None:
+        if tracked or other is None or nbytes <= FILTER_SLAB_BYTES or out.device.type != "cpu":
             out = _filter_pass(out, w, axis, padding)
             continue
         per = max(1, int(out.shape[other] * FILTER_SLAB_BYTES // nbytes))
