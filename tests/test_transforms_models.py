@@ -153,6 +153,34 @@ def test_gradcheck_warp_wrt_displacement_and_affine():
     assert torch.autograd.gradcheck(by_affine, (a, t), eps=1e-6, atol=1e-5)
 
 
+def test_gradcheck_warp_at_identity_on_axis_aligned_grid():
+    """Every matrix entry gets its gradient where it is exactly 0 (an identity start on an
+    axis-aligned grid): rotations and shears are not frozen at their start, alone or composed
+    after a displacement field (a deformable stage with a trainable linear part)."""
+    g = Grid((7, 6, 5), (1.0, 1.5, 2.0))
+    img = torch.rand(1, 1, *g.shape, dtype=torch.float64)
+    u0 = smooth_field(g, 2.0, 0.6, seed=3)
+
+    def by_affine(a, t):
+        tr = AffineTransform(3, a, t, center=[1.0, 2.0, 3.0], trainable=False, dtype=torch.float64)
+        return warp_image(img, tr, g, g, padding="border")
+
+    # identity matrix (exact zeros off the diagonal), a sub-voxel shift keeps the samples off
+    # the voxel centres, where linear interpolation has kinks
+    a = torch.eye(3, dtype=torch.float64).requires_grad_()
+    t = torch.tensor([0.3, 0.4, 0.7], dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(by_affine, (a, t), eps=1e-6, atol=1e-5)
+    by_affine(a, t).pow(2).sum().backward()
+    assert (a.grad - torch.diag(torch.diagonal(a.grad))).abs().max() > 1e-3
+
+    def by_both(a, u):
+        tr = AffineTransform(3, a, [0.3, 0.4, 0.7], trainable=False, dtype=torch.float64)
+        return warp_image(img, Compose(tr, DisplacementField(u, g)), g, g, padding="border")
+
+    assert torch.autograd.gradcheck(by_both, (a.detach().clone().requires_grad_(),
+                                              u0.clone().requires_grad_()), eps=1e-6, atol=1e-5)
+
+
 def test_gradcheck_svf_and_bspline():
     g = Grid((7, 6), (1.0, 1.5))
     img = torch.rand(1, 1, *g.shape, dtype=torch.float64)

@@ -230,8 +230,8 @@ def affine_field_points(norm_from_index: Tensor, field_to_norm: Tensor, field: T
     sum of broadcast 1D ramps. Without gradients each component is written once into its own
     contiguous plane (the result is a ``movedim`` view of ``(N, D, *shape)`` storage, which
     ``grid_sample`` and the inside test read without strides) and then costs one extra pass per
-    further field term; with gradients the same sum is built out of place.
-    Differentiable with respect to ``norm_from_index``, ``field_to_norm`` and ``field``.
+    further field term. Differentiable with respect to ``norm_from_index``, ``field_to_norm``
+    and ``field`` (:class:`_AffineFieldPoints`: the same forward pass, a reduced backward pass).
 
     Args:
         norm_from_index: ``(D+1, D+1)`` homogeneous matrix from target index (x, y, z) to the
@@ -240,16 +240,22 @@ def affine_field_points(norm_from_index: Tensor, field_to_norm: Tensor, field: T
         field: ``(N, D, *shape)`` world displacement on the target grid, or None.
         shape: target tensor shape ``(z, y, x)``.
     """
-    d = len(shape)
-    n = 1 if field is None else field.shape[0]
     dtype = norm_from_index.dtype if field is None else field.dtype
-    device = norm_from_index.device
     m = norm_from_index.to(dtype)
     lin = field_to_norm.to(dtype)
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (m, lin, field))
     if tracked:
-        return _affine_field_points_tracked(m, lin, field, shape)
+        return _AffineFieldPoints.apply(m, lin, field, tuple(shape))
+    return _affine_field_points_values(m, lin, field, tuple(shape))
+
+
+def _affine_field_points_values(m: Tensor, lin: Tensor, field: Tensor | None,
+                                shape: tuple[int, ...]) -> Tensor:
+    """The values of :func:`affine_field_points` (``m`` and ``lin`` already in the output dtype)."""
+    d = len(shape)
+    n = 1 if field is None else field.shape[0]
+    dtype, device = m.dtype, m.device
     rows, lrows = m.tolist(), lin.tolist()
     out = torch.empty(n, d, *shape, dtype=dtype, device=device)
     for i in range(d):
@@ -278,28 +284,40 @@ def affine_field_points(norm_from_index: Tensor, field_to_norm: Tensor, field: T
     return out.movedim(1, -1)
 
 
-def _affine_field_points_tracked(m: Tensor, lin: Tensor, field: Tensor | None,
-                                 shape: tuple[int, ...]) -> Tensor:
-    """Autograd version of :func:`affine_field_points` (out of place, same layout)."""
-    d = len(shape)
-    n = 1 if field is None else field.shape[0]
-    comps = []
-    for i in range(d):
-        acc = m[i, d].reshape([1] * (d + 1))
-        for j in range(d):  # index axis j (x = last tensor axis)
-            if bool(m[i, j] != 0):
-                ramp = torch.arange(shape[d - 1 - j], dtype=m.dtype, device=m.device) * m[i, j]
-                view = [1] * (d + 1)
-                view[d - j] = -1
-                acc = acc + ramp.reshape(view)
-        val = None
-        if field is not None:
+class _AffineFieldPoints(torch.autograd.Function):
+    """:func:`affine_field_points` with gradients: the forward pass is the untracked one (a few
+    whole-grid passes); the backward pass reduces the incoming gradient to per-axis profiles, so
+    a linear stage's step costs a few dozen operations whatever the grid, and every matrix entry
+    gets its gradient (also those that are exactly 0, e.g. the off-diagonal entries of an
+    identity start on an axis-aligned grid, where skipping zero terms would freeze them)."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor, lin: Tensor, field: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+        ctx.shape = shape
+        ctx.save_for_backward(lin, field)
+        return _affine_field_points_values(m, lin, field, shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        lin, field = ctx.saved_tensors
+        shape = ctx.shape
+        d = len(shape)
+        g_m = g_lin = g_field = None
+        if ctx.needs_input_grad[0]:
+            # d/dm[i, j] = Σ_voxels grad_i · index_j, j = D: Σ grad_i (index x is the last axis)
+            cols = []
             for j in range(d):
-                if bool(lin[i, j] != 0):
-                    term = field[:, j] * lin[i, j]
-                    val = term if val is None else val + term
-        comps.append(acc.expand(n, *shape) if val is None else val + acc)
-    return torch.stack(comps, dim=1).movedim(1, -1)
+                axis = d - j  # tensor axis of index j in (N, *shape, D)
+                profile = grad.sum(dim=[k for k in range(d + 1) if k != axis])  # (n_j, D)
+                ramp = torch.arange(shape[d - 1 - j], dtype=grad.dtype, device=grad.device)
+                cols.append(ramp @ profile)
+            cols.append(grad.sum(dim=list(range(d + 1))))
+            g_m = torch.nn.functional.pad(torch.stack(cols, dim=1), (0, 0, 0, 1))
+        if field is not None and ctx.needs_input_grad[1]:
+            g_lin = torch.einsum("n...i,nj...->ij", grad, field)
+        if field is not None and ctx.needs_input_grad[2]:
+            g_field = torch.einsum("n...i,ij->nj...", grad, lin)
+        return g_m, g_lin, g_field, None
 
 
 def _mirror(i: Tensor, n: int) -> Tensor:
