@@ -166,6 +166,46 @@ def test_config_dict_round_trips_and_survives_a_levels_edit():
         config_from_dict(data)
 
 
+def test_small_image_settings_are_chosen_by_size_and_validated():
+    fast = load_preset("fast")
+    # the geometric mean of the voxel counts decides: hippocampus crops are small, a 2 mm brain not
+    assert fast.is_small((35, 50, 35)) and not fast.is_small((91, 109, 91))
+    assert fast.is_small((40, 40)) and not fast.is_small((100, 100))
+    assert not fast.is_small((256, 256, 20))  # a thin slab is not small
+    small = fast.stages_for((35, 50, 35))
+    assert small[1].levels == [2, 1] and small[1].lr == 0.15 and small[1].gradient_sigma == 3.0
+    assert small[1].iterations == fast.stages[1].iterations  # what small_image leaves alone stays
+    assert small[0] == fast.stages[0]  # a stage without small_image settings is unchanged
+    assert fast.stages_for((91, 109, 91)) == fast.stages
+    off = merge_overrides(fast, small_image_size=0)
+    assert not off.is_small((1, 1, 1)) and off.stages_for((35, 50, 35)) == off.stages
+    assert config_from_dict(fast.to_dict()) == fast
+    # mistakes show when the config is read, not on the first small image
+    with pytest.raises(InputError, match="small_image: unknown key"):
+        merge_overrides(fast, stage2_small_image={"lvls": [2, 1]})
+    with pytest.raises(InputError, match="small_image.*one per level"):
+        merge_overrides(fast, stage2_small_image={"levels": [2, 1, 1]})
+    with pytest.raises(InputError, match="small_image: cannot change type"):
+        merge_overrides(fast, stage2_small_image={"type": "svf"})
+    with pytest.raises(InputError, match="small_image_size"):
+        merge_overrides(fast, small_image_size=-1)
+
+
+def test_a_small_image_runs_the_small_image_pyramid():
+    vol = read_image(BUNDLED / "colin27_t1_2mm.nii.gz")
+    from medreg.engine.pyramid import pyramid_level
+
+    fixed = pyramid_level(vol, 3)  # 31×37×31 voxels of 6 mm
+    moving = warp_image(fixed, AffineTransform(3, translation=[4.0, -3.0, 2.0], trainable=False), fixed.grid)
+    kw = dict(stage1_iterations=3, stage2_iterations=2)
+    res = medreg.register(fixed, moving, "fast", **kw)
+    ran = [(h["stage"], h["factor"], h.get("small_image", False)) for h in res.history]
+    assert ran == [(1, 4, False), (2, 2, True), (2, 1, True)]
+    res = medreg.register(fixed, moving, "fast", small_image_size=0, **kw)
+    ran = [(h["stage"], h["factor"], h.get("small_image", False)) for h in res.history]
+    assert ran == [(1, 4, False), (2, 4, False), (2, 2, False)]
+
+
 def test_seed_gives_bit_identical_results(slice2d):
     g = slice2d.grid
     moving = warp_image(slice2d, AffineTransform(2, translation=[2.0, 1.0], trainable=False), g)

@@ -22,9 +22,10 @@ Unknown keys are errors (with the valid keys listed), so a typo never silently d
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 
 from medreg.core.errors import InputError
@@ -88,6 +89,10 @@ class StageConfig:
             :class:`medreg.engine.discrete.DiscreteParams` (search radius and step in mm,
             feature resolution, coupling weights, instance-optimisation steps, ...); ``levels``,
             ``iterations``, ``similarity`` and ``lr`` do not apply to this stage.
+        small_image: settings of this stage that replace its own when the fixed image is small
+            (see :attr:`RegistrationConfig.small_image_size`), e.g. a pyramid one octave finer:
+            a 40-voxel crop has nothing left to register at 1/4 resolution (10 voxels, about one
+            LNCC window). Any stage key but ``type`` and ``small_image``.
     """
 
     type: str
@@ -107,6 +112,7 @@ class StageConfig:
     tolerance: float = 1e-5
     patience: int = 20
     discrete: dict = field(default_factory=dict)
+    small_image: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.type not in STAGE_TYPES:
@@ -148,6 +154,29 @@ class StageConfig:
                                  "field_smoothing (voxels) >= 0")
         if self.control_spacing <= 0 or self.steps < 0:
             raise InputError(f"stage {self.type}: control_spacing must be > 0 and steps >= 0")
+        if self.small_image:  # validated now: a bad key must not wait for the first small image
+            self.for_small_image()
+
+    def for_small_image(self) -> "StageConfig":
+        """This stage with its :attr:`small_image` settings applied (itself when there are none)."""
+        if not self.small_image:
+            return self
+        where = f"stage {self.type}: small_image"
+        if not isinstance(self.small_image, Mapping):
+            raise InputError(f"{where}: expected a mapping of stage settings")
+        bad = sorted(set(self.small_image) & {"type", "small_image"})
+        if bad:
+            raise InputError(f"{where}: cannot change {', '.join(bad)}")
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # per-level settings given as one value stay one value when only the levels change
+        for key in _REPEATABLE:
+            if len(set(data[key])) == 1:
+                data[key] = data[key][0]
+        try:
+            return _strict(StageConfig, {**data, **self.small_image, "small_image": {}}, where)
+        except InputError as e:
+            msg = str(e)
+            raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
     @property
     def is_linear(self) -> bool:
@@ -163,12 +192,17 @@ class RegistrationConfig:
         initialisation: ``none``, ``geometry`` (image centres), ``com`` (centres of mass) or
             ``moments`` (centres of mass and principal axes).
         seed: random seed (runs are bit-identical on CPU for a given seed and thread count).
+        small_image_size: a fixed image whose size, as the geometric mean of its voxel counts
+            along the axes, is below this runs every stage with its ``small_image`` settings
+            (0: never). The default 64 makes the hippocampus crops of Learn2Reg (~40 voxels)
+            small and a 2 mm brain (~100) not.
         description: free text shown by ``medreg presets``.
     """
 
     stages: list[StageConfig]
     initialisation: str = "com"
     seed: int = 0
+    small_image_size: float = 64.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -177,6 +211,18 @@ class RegistrationConfig:
                              f"{', '.join(INITIALISATIONS)}")
         if not self.stages:
             raise InputError("a registration config needs at least one stage")
+        if not self.small_image_size >= 0:
+            raise InputError(f"small_image_size must be >= 0 voxels, got {self.small_image_size}")
+
+    def is_small(self, size: Sequence[int]) -> bool:
+        """Whether an image of ``size`` voxels per axis runs the ``small_image`` settings."""
+        return math.prod(size) < self.small_image_size ** len(size)
+
+    def stages_for(self, size: Sequence[int]) -> list[StageConfig]:
+        """The stages to run on a fixed image of ``size`` voxels per axis."""
+        if not self.is_small(size):
+            return list(self.stages)
+        return [s.for_small_image() for s in self.stages]
 
     def to_dict(self) -> dict:
         """Plain types in the preset format. A per-level setting with one value on every level

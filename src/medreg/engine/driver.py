@@ -263,8 +263,11 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
     progress = progress or Progress(quiet=True)
     if fixed.ndim != moving.ndim:
         raise InputError(f"{fixed.name} is {fixed.ndim}D but {moving.name} is {moving.ndim}D")
+    # a small fixed image runs the stages' small_image settings (e.g. a finer pyramid)
+    small = config.is_small(fixed.grid.shape)
+    stages = config.stages_for(fixed.grid.shape)
     seen_deformable = False
-    for s in config.stages:
+    for s in stages:
         if s.is_linear and seen_deformable:
             raise InputError("linear stages must come before deformable stages")
         seen_deformable |= not s.is_linear
@@ -274,12 +277,12 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
     deformations: list[SpatialTransform] = []
     history: list[dict] = []
     inverse: SpatialTransform | None = None
-    nstages = len(config.stages)
+    nstages = len(stages)
     levels: dict = {}  # pyramid levels shared by the stages of this run
-    for si, stage in enumerate(config.stages):
+    for si, stage in enumerate(stages):
         if stage.type == "discrete":
             # a greedy stage next absorbs the field on its own levels: keep it on its grid
-            absorbed = si + 1 < nstages and config.stages[si + 1].type == "greedy"
+            absorbed = si + 1 < nstages and stages[si + 1].type == "greedy"
             res = _run_discrete(si, nstages, stage, fixed, moving, fixed_mask, moving_mask, linear,
                                 deformations, progress, history, full_grid=not absorbed)
             deformations.append(res.forward)
@@ -301,6 +304,10 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
                                           linear, deformations, sim, regs, progress, history, levels)
             deformations.append(deform)
             inverse = inv
+    if small:  # the history says which levels ran a stage's small_image settings
+        for h in history:
+            if config.stages[h["stage"] - 1].small_image:
+                h["small_image"] = True
     total: SpatialTransform = linear if not deformations else Compose(linear, *deformations)
     if inverse is not None:  # the last stage is symmetric / inverse-consistent
         rest = [d.inverse() for d in reversed(deformations[:-1])]
