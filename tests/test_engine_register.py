@@ -180,6 +180,12 @@ def test_small_image_settings_are_chosen_by_size_and_validated():
     off = merge_overrides(fast, small_image_size=0)
     assert not off.is_small((1, 1, 1)) and off.stages_for((35, 50, 35)) == off.stages
     assert config_from_dict(fast.to_dict()) == fast
+    # discrete settings change key by key: the rest of the search stays the preset's
+    disc = load_preset("discrete")
+    small_disc = disc.stages_for((35, 50, 35))[1].discrete
+    assert small_disc["feature_factor"] == 2 and small_disc["radius_mm"] == 8
+    assert {k: v for k, v in small_disc.items() if k not in ("feature_factor", "radius_mm")} == {
+        k: v for k, v in disc.stages[1].discrete.items() if k not in ("feature_factor", "radius_mm")}
     # mistakes show when the config is read, not on the first small image
     with pytest.raises(InputError, match="small_image: unknown key"):
         merge_overrides(fast, stage2_small_image={"lvls": [2, 1]})

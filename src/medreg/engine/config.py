@@ -92,7 +92,8 @@ class StageConfig:
         small_image: settings of this stage that replace its own when the fixed image is small
             (see :attr:`RegistrationConfig.small_image_size`), e.g. a pyramid one octave finer:
             a 40-voxel crop has nothing left to register at 1/4 resolution (10 voxels, about one
-            LNCC window). Any stage key but ``type`` and ``small_image``.
+            LNCC window). Any stage key but ``type`` and ``small_image``; a ``discrete`` mapping
+            here changes the stage's discrete settings key by key.
     """
 
     type: str
@@ -172,8 +173,11 @@ class StageConfig:
         for key in _REPEATABLE:
             if len(set(data[key])) == 1:
                 data[key] = data[key][0]
+        changes = dict(self.small_image)
+        if isinstance(changes.get("discrete"), Mapping):  # key by key: the search settings are many
+            changes["discrete"] = {**self.discrete, **changes["discrete"]}
         try:
-            return _strict(StageConfig, {**data, **self.small_image, "small_image": {}}, where)
+            return _strict(StageConfig, {**data, **changes, "small_image": {}}, where)
         except InputError as e:
             msg = str(e)
             raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
