@@ -168,11 +168,7 @@ class StageConfig:
         bad = sorted(set(self.small_image) & {"type", "small_image"})
         if bad:
             raise InputError(f"{where}: cannot change {', '.join(bad)}")
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        # per-level settings given as one value stay one value when only the levels change
-        for key in _REPEATABLE:
-            if len(set(data[key])) == 1:
-                data[key] = data[key][0]
+        data = self.to_dict()  # one value per setting stays one value when only the levels change
         changes = dict(self.small_image)
         if isinstance(changes.get("discrete"), Mapping):  # key by key: the search settings are many
             changes["discrete"] = {**self.discrete, **changes["discrete"]}
@@ -181,6 +177,16 @@ class StageConfig:
         except InputError as e:
             msg = str(e)
             raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+    def to_dict(self) -> dict:
+        """Plain types in the preset format. A per-level setting with one value on every level
+        (``iterations``, ``log_jacobian``) is written as that value, so that the mapping still
+        loads after its ``levels`` are edited (``medreg presets NAME``, ``stage1_levels=...``)."""
+        data = dataclasses.asdict(self)
+        for key in _REPEATABLE:
+            if len(set(data[key])) == 1:
+                data[key] = data[key][0]
+        return data
 
     @property
     def is_linear(self) -> bool:
@@ -229,14 +235,9 @@ class RegistrationConfig:
         return [s.for_small_image() for s in self.stages]
 
     def to_dict(self) -> dict:
-        """Plain types in the preset format. A per-level setting with one value on every level
-        (``iterations``, ``log_jacobian``) is written as that value, so that the mapping still
-        loads after its ``levels`` are edited (``medreg presets NAME``, ``stage1_levels=...``)."""
+        """Plain types in the preset format (each stage as :meth:`StageConfig.to_dict`)."""
         data = dataclasses.asdict(self)
-        for stage in data["stages"]:
-            for key in _REPEATABLE:
-                if len(set(stage[key])) == 1:
-                    stage[key] = stage[key][0]
+        data["stages"] = [s.to_dict() for s in self.stages]
         return data
 
 

@@ -264,7 +264,6 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
     if fixed.ndim != moving.ndim:
         raise InputError(f"{fixed.name} is {fixed.ndim}D but {moving.name} is {moving.ndim}D")
     # a small fixed image runs the stages' small_image settings (e.g. a finer pyramid)
-    small = config.is_small(fixed.grid.shape)
     stages = config.stages_for(fixed.grid.shape)
     seen_deformable = False
     for s in stages:
@@ -304,10 +303,9 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
                                           linear, deformations, sim, regs, progress, history, levels)
             deformations.append(deform)
             inverse = inv
-    if small:  # the history says which levels ran a stage's small_image settings
-        for h in history:
-            if config.stages[h["stage"] - 1].small_image:
-                h["small_image"] = True
+    for h in history:  # which levels ran a stage's small_image settings (a stage of its own)
+        if stages[h["stage"] - 1] is not config.stages[h["stage"] - 1]:
+            h["small_image"] = True
     total: SpatialTransform = linear if not deformations else Compose(linear, *deformations)
     if inverse is not None:  # the last stage is symmetric / inverse-consistent
         rest = [d.inverse() for d in reversed(deformations[:-1])]
