@@ -210,6 +210,10 @@ def test_a_small_image_runs_the_small_image_pyramid():
     res = medreg.register(fixed, moving, "fast", small_image_size=0, **kw)
     ran = [(h["stage"], h["factor"], h.get("small_image", False)) for h in res.history]
     assert ran == [(1, 4, False), (2, 4, False), (2, 2, False)]
+    # the reported similarity is the one the last stage ran with on this image
+    res = medreg.register(fixed, moving, "fast", stage2_small_image={"similarity": {"name": "ncc"}}, **kw)
+    assert res.metrics["similarity_after"]["name"] == "ncc"
+    assert medreg.register(fixed, moving, "fast", **kw).metrics["similarity_after"]["name"] == "lncc"
 
 
 def test_seed_gives_bit_identical_results(slice2d):

@@ -202,7 +202,9 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
 def _similarity_value(cfg: Any, fixed: Image, warped: Image) -> dict[str, float]:
     from medreg.engine.driver import build_similarity
 
-    spec = cfg.similarity if hasattr(cfg, "similarity") else cfg.stages[-1].similarity
+    # the last stage as it ran on this fixed image (a small image runs its small_image settings)
+    spec = cfg.similarity if hasattr(cfg, "similarity") else \
+        cfg.stages_for(fixed.grid.shape)[-1].similarity
     sim = build_similarity(spec).to(fixed.data.device)
     with torch.no_grad():
         return {"name": spec["name"], "value": float(sim(fixed.batch(torch.float32), warped.batch(torch.float32)))}
