@@ -1,5 +1,6 @@
 """Classical registration: known transforms recovered on real images, Dice rises, symmetry."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +378,28 @@ def test_greedy_masks_keep_an_artefact_out(slice2d, symmetric):
     unmasked = float((field(corrupted, False) - field(moving, False)).norm(dim=1).max())
     assert masked < 1e-6, masked
     assert unmasked > 1.0, unmasked  # mm
+
+
+def test_greedy_levels_run_on_the_foreground_box_of_a_padded_image(slice2d):
+    # the slice in a wide empty border (as FreeSurfer's 256³ volumes): greedy levels are cropped
+    g = slice2d.grid.pad(40)
+    fixed = Image(torch.nn.functional.pad(slice2d.data, (40, 40, 40, 40)), g, "padded slice")
+    truth = AffineTransform(2, translation=[3.0, -2.0], trainable=False)
+    moving = warp_image(fixed, truth, g)
+    stage = {"type": "greedy", "levels": [2, 1], "iterations": [20, 10], "lr": 0.25,
+             "similarity": {"name": "lncc", "window": 9}, "gradient_sigma": 1.7, "log_jacobian": [0.15, 0.1]}
+    cfg = {"initialisation": "none", "stages": [stage]}
+    crop = medreg.register(fixed, moving, config=cfg)
+    full = medreg.register(fixed, moving, config={**cfg, "crop_to_foreground": False})
+    assert [h.get("cropped_to") is not None for h in crop.history] == [True, True]
+    assert all("cropped_to" not in h for h in full.history)
+    assert math.prod(crop.history[-1]["cropped_to"]) < 0.8 * math.prod(g.shape)
+    u_crop, u_full = crop.displacement(), full.displacement()
+    head = fixed.data[0] > 0.2 * float(fixed.data.max())
+    diff = (u_crop - u_full).norm(dim=1)[0][head].mean()
+    assert float(diff) < 0.03 * float(u_full.norm(dim=1)[0][head].mean())
+    assert float(u_crop[0, :, :5, :5].abs().max()) == 0.0  # no displacement far outside the box
+    # a global similarity pulls everywhere: never cropped
+    ssd = medreg.register(fixed, moving, config={"initialisation": "none", "stages": [
+        {**stage, "similarity": {"name": "ssd"}, "iterations": [2, 1]}]})
+    assert all("cropped_to" not in h for h in ssd.history)

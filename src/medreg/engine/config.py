@@ -206,6 +206,12 @@ class RegistrationConfig:
             along the axes, is below this runs every stage with its ``small_image`` settings
             (0: never). The default 64 makes the hippocampus crops of Learn2Reg (~40 voxels)
             small and a 2 mm brain (~100) not.
+        crop_to_foreground: greedy levels run on the box around the fixed image's foreground
+            (its fixed mask, or with LNCC its voxels above the background) grown by a margin
+            that covers the similarity window and the smoothing, when that box holds at most
+            :data:`medreg.engine.driver.CROP_MAX_FRACTION` of the level; outside it the stage
+            adds no displacement (its forces are zero there). Saves most of the time on images
+            with wide empty borders (FreeSurfer's conformed 256³ volumes); False: never crop.
         description: free text shown by ``medreg presets``.
     """
 
@@ -213,6 +219,7 @@ class RegistrationConfig:
     initialisation: str = "com"
     seed: int = 0
     small_image_size: float = 64.0
+    crop_to_foreground: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from medreg.transforms import (AffineTransform, BSplineTransform, Compose, Displ
                                LinearTransform, RigidTransform, SimilarityTransform,
                                SpatialTransform, StationaryVelocityField, TranslationTransform,
                                collapse_linear, warp_image)
+from medreg.transforms import functional as TF
 from medreg.transforms.functional import scaling_and_squaring
 
 
@@ -290,7 +291,7 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
         if stage.type == "greedy":  # absorbs the earlier deformations (see _run_greedy)
             deformations = [_run_greedy(si, nstages, stage, fixed, moving, fixed_mask,
                                         moving_mask, linear, deformations, progress, history,
-                                        levels)]
+                                        levels, crop=config.crop_to_foreground)]
             inverse = None
             continue
         sim = build_similarity(stage.similarity)
@@ -335,10 +336,90 @@ def _run_discrete(si: int, nstages: int, stage: StageConfig, fixed: Image, movin
     return res
 
 
+#: A greedy level is cropped to the fixed image's foreground only when the box keeps at most this
+#: share of the level's voxels (otherwise it runs on the whole grid, exactly as uncropped).
+CROP_MAX_FRACTION = 0.8
+
+#: Voxels added to the crop margin beyond the similarity window and the smoothing radii: room for
+#: the volume step and the compositions to spread the field a little past the forces.
+CROP_EXTRA_VOXELS = 2
+
+
+def _crop_margin(stage: StageConfig, grid: Grid) -> int:
+    """Voxels of ``grid`` (a level) around the foreground in which a greedy stage's forces can be
+    non-zero: the LNCC window's reach (half a box, a whole window for a Gaussian one) plus the
+    Gaussian radii (3σ) of the update and field smoothing."""
+    spec = stage.similarity
+    window = spec.get("window", 9)
+    widest = max(window) if isinstance(window, (list, tuple)) else float(window)
+    if spec.get("window_unit", "voxel") == "mm":
+        widest /= min(grid.spacing)
+    reach = math.ceil(widest if spec.get("kernel", "box") == "gaussian" else widest / 2)
+    radius = sum(math.ceil(3 * s) for s in (stage.gradient_sigma, stage.field_smoothing))
+    return reach + radius + CROP_EXTRA_VOXELS
+
+
+def _foreground_box(level: _Level, similarity: str, margin: int) -> tuple[list[int], list[int]] | None:
+    """``(start, stop)`` index box ``(x, y, z)`` of the level's fixed foreground grown by ``margin``
+    voxels, or None when the stage's forces need not vanish outside it or the box would keep
+    more than :data:`CROP_MAX_FRACTION` of the grid.
+
+    The foreground is the fixed mask when there is one (the similarity ignores everything else),
+    else, for LNCC only, the voxels above the image's minimum (by 1e-3 of its range): where the
+    fixed image is constant over a whole window, LNCC's covariance and so its force are exactly
+    zero. Global similarities (SSD, NCC, MI, ...) pull everywhere and are never cropped.
+    """
+    if level.fixed_mask is not None:
+        fg = level.fixed_mask[0, 0] > 0
+    elif similarity == "lncc":
+        data = level.fixed.data
+        lo, hi = float(data.amin()), float(data.amax())
+        fg = ((data - lo).abs() > 1e-3 * (hi - lo)).any(0)
+    else:
+        return None
+    if not bool(fg.any()):
+        return None
+    shape = level.fixed.grid.shape  # (x, y, z); fg is indexed (z, y, x)
+    start, stop = [], []
+    for axis in range(len(shape)):
+        dim = fg.dim() - 1 - axis
+        hit = fg.movedim(dim, 0).flatten(1).any(1)
+        idx = torch.nonzero(hit).flatten()
+        start.append(max(0, int(idx[0]) - margin))
+        stop.append(min(shape[axis], int(idx[-1]) + 1 + margin))
+    if math.prod(b - a for a, b in zip(start, stop)) > CROP_MAX_FRACTION * math.prod(shape):
+        return None
+    return start, stop
+
+
+def _crop_level(level: _Level, box: tuple[list[int], list[int]]) -> _Level:
+    """The level with its fixed image and mask cut to ``box`` (the moving side is unchanged)."""
+    start, stop = box
+    cut = (slice(None),) + tuple(slice(a, b) for a, b in zip(start[::-1], stop[::-1]))
+    fixed = Image(level.fixed.data[cut].contiguous(), level.fixed.grid.crop(start, stop),
+                  level.fixed.name)
+    mask = None if level.fixed_mask is None else level.fixed_mask[(slice(None),) + cut].contiguous()
+    return _Level(fixed, level.moving, mask, level.moving_mask)
+
+
+def _move_field(u: Tensor, source: Grid, target: Grid, cropped: bool,
+                start: SpatialTransform | None) -> Tensor:
+    """A greedy stage's field ``u`` on ``source`` resampled onto ``target``. From a cropped grid,
+    the stage's own part ``u − start`` is zero outside the crop (and ``start``, the absorbed
+    earlier stages, is evaluated on ``target``); otherwise :func:`resample_field` as always."""
+    if not cropped or source == target:
+        return resample_field(u, source, target)
+    with torch.no_grad():
+        own = u if start is None else u - start.displacement(source).to(u)
+        pts = target.points(dtype=u.dtype, device=u.device).unsqueeze(0)
+        out = TF.sample(own, source.transform_points(pts, "world", "norm"), "linear", "zeros")
+        return out if start is None else out + start.displacement(target).to(out)
+
+
 def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
                 fixed_mask: Image | None, moving_mask: Image | None, linear: LinearTransform,
                 earlier: list[SpatialTransform], progress: Progress, history: list,
-                cache: dict | None = None) -> DisplacementField:
+                cache: dict | None = None, crop: bool = False) -> DisplacementField:
     from medreg.engine.greedy import (DEFAULT_LR, GreedyStep, greedy_level, greedy_level_symmetric,
                                       symmetric_displacement)
 
@@ -350,9 +431,14 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
     u: Tensor | None = None
     a: Tensor | None = None  # symmetric: midpoint → fixed (u is then midpoint → moving)
     u_grid: Grid | None = None
+    u_cropped = False
     for li, factor in enumerate(stage.levels):
         sigma = None if stage.smoothing is None else stage.smoothing[li]
         level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma, cache)
+        box = (_foreground_box(level, stage.similarity["name"], _crop_margin(stage, level.fixed.grid))
+               if crop else None)
+        if box is not None:  # the forces vanish outside: run the level on the foreground's box
+            level = _crop_level(level, box)
         grid = level.fixed.grid
         dev = level.fixed.data.device
         if u is None:
@@ -360,10 +446,10 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
                 u = (torch.zeros(1, grid.ndim, *grid.shape, device=dev) if absorbed is None
                      else absorbed.displacement(grid).to(device=dev, dtype=torch.float32))
         else:
-            u = resample_field(u, u_grid, grid)
+            u = _move_field(u, u_grid, grid, u_cropped, absorbed)
         if stage.symmetric:
-            a = torch.zeros_like(u) if a is None else resample_field(a, u_grid, grid)
-        u_grid = grid
+            a = torch.zeros_like(u) if a is None else _move_field(a, u_grid, grid, u_cropped, None)
+        u_grid, u_cropped = grid, box is not None
         step = GreedyStep(grid, stage.lr if stage.lr is not None else DEFAULT_LR, stage.gradient_sigma,
                           stage.field_smoothing, device=dev, log_jacobian=stage.log_jacobian[li])
         progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
@@ -392,10 +478,12 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
         history.append({"stage": si + 1, "type": stage.type, "factor": factor, "iterations": steps,
                         "loss_first": first, "loss_last": last,
                         "seconds": round(time.perf_counter() - t_level, 3)})
+        if box is not None:
+            history[-1]["cropped_to"] = list(grid.shape)
     with torch.no_grad():
         if stage.symmetric:
             u = symmetric_displacement(a, u, u_grid)
-        return DisplacementField(resample_field(u, u_grid, fixed.grid), fixed.grid)
+        return DisplacementField(_move_field(u, u_grid, fixed.grid, u_cropped, absorbed), fixed.grid)
 
 
 def _run_linear(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
