@@ -402,18 +402,30 @@ def _crop_level(level: _Level, box: tuple[list[int], list[int]]) -> _Level:
     return _Level(fixed, level.moving, mask, level.moving_mask)
 
 
-def _move_field(u: Tensor, source: Grid, target: Grid, cropped: bool,
-                start: SpatialTransform | None) -> Tensor:
-    """A greedy stage's field ``u`` on ``source`` resampled onto ``target``. From a cropped grid,
-    the stage's own part ``u − start`` is zero outside the crop (and ``start``, the absorbed
-    earlier stages, is evaluated on ``target``); otherwise :func:`resample_field` as always."""
-    if not cropped or source == target:
-        return resample_field(u, source, target)
-    with torch.no_grad():
-        own = u if start is None else u - start.displacement(source).to(u)
-        pts = target.points(dtype=u.dtype, device=u.device).unsqueeze(0)
-        out = TF.sample(own, source.transform_points(pts, "world", "norm"), "linear", "zeros")
-        return out if start is None else out + start.displacement(target).to(out)
+class _LevelChanges:
+    """A greedy stage's field while some of its levels run on crops: the absorbed earlier stages
+    plus each level's own change, on that level's grid, zero outside a crop (a level on the whole
+    grid extends its border, as :func:`resample_field`); evaluable on any grid. A level's change
+    vanishes towards its crop's edge (the forces do), so cutting it there leaves the field
+    continuous; cutting the *total* field at a crop would tear what earlier levels moved."""
+
+    def __init__(self, start: SpatialTransform | None) -> None:
+        self.start = start
+        self.parts: list[tuple[Tensor, Grid, str]] = []
+
+    def on(self, grid: Grid, device: torch.device) -> Tensor:
+        """The total displacement ``(1, D, *grid.shape)`` (world mm, float32) on ``grid``."""
+        with torch.no_grad():
+            out = (torch.zeros(1, grid.ndim, *grid.shape, device=device) if self.start is None
+                   else self.start.displacement(grid).to(device=device, dtype=torch.float32))
+            pts = grid.points(dtype=out.dtype, device=device).unsqueeze(0)
+            for change, source, padding in self.parts:
+                out += TF.sample(change, source.transform_points(pts, "world", "norm"), "linear", padding)
+        return out
+
+    def add(self, before: Tensor, after: Tensor, grid: Grid, cropped: bool) -> None:
+        """Record a level's change ``after − before`` on its ``grid``."""
+        self.parts.append((after - before, grid, "zeros" if cropped else "border"))
 
 
 def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
@@ -431,25 +443,30 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
     u: Tensor | None = None
     a: Tensor | None = None  # symmetric: midpoint → fixed (u is then midpoint → moving)
     u_grid: Grid | None = None
-    u_cropped = False
+    plan = []  # (level, crop box or None) per level; crops only for one-sided stages
     for li, factor in enumerate(stage.levels):
         sigma = None if stage.smoothing is None else stage.smoothing[li]
         level = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma, cache)
         box = (_foreground_box(level, stage.similarity["name"], _crop_margin(stage, level.fixed.grid))
-               if crop else None)
-        if box is not None:  # the forces vanish outside: run the level on the foreground's box
-            level = _crop_level(level, box)
+               if crop and not stage.symmetric else None)
+        # the forces vanish outside the box: run the level on it
+        plan.append((level, box) if box is None else (_crop_level(level, box), box))
+    changes = _LevelChanges(absorbed) if any(box is not None for _, box in plan) else None
+    for li, (level, box) in enumerate(plan):
+        factor = stage.levels[li]
         grid = level.fixed.grid
         dev = level.fixed.data.device
-        if u is None:
+        if changes is not None:
+            u = changes.on(grid, dev)
+        elif u is None:
             with torch.no_grad():
                 u = (torch.zeros(1, grid.ndim, *grid.shape, device=dev) if absorbed is None
                      else absorbed.displacement(grid).to(device=dev, dtype=torch.float32))
         else:
-            u = _move_field(u, u_grid, grid, u_cropped, absorbed)
+            u = resample_field(u, u_grid, grid)
         if stage.symmetric:
-            a = torch.zeros_like(u) if a is None else _move_field(a, u_grid, grid, u_cropped, None)
-        u_grid, u_cropped = grid, box is not None
+            a = torch.zeros_like(u) if a is None else resample_field(a, u_grid, grid)
+        u_grid, u_start = grid, u
         step = GreedyStep(grid, stage.lr if stage.lr is not None else DEFAULT_LR, stage.gradient_sigma,
                           stage.field_smoothing, device=dev, log_jacobian=stage.log_jacobian[li])
         progress.start(si, nstages, stage.type, li, len(stage.levels), factor, stage.iterations[li])
@@ -480,10 +497,14 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
                         "seconds": round(time.perf_counter() - t_level, 3)})
         if box is not None:
             history[-1]["cropped_to"] = list(grid.shape)
+        if changes is not None:
+            changes.add(u_start, u, grid, box is not None)
     with torch.no_grad():
+        if changes is not None:
+            return DisplacementField(changes.on(fixed.grid, u.device), fixed.grid)
         if stage.symmetric:
             u = symmetric_displacement(a, u, u_grid)
-        return DisplacementField(_move_field(u, u_grid, fixed.grid, u_cropped, absorbed), fixed.grid)
+        return DisplacementField(resample_field(u, u_grid, fixed.grid), fixed.grid)
 
 
 def _run_linear(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
