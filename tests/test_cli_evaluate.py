@@ -119,6 +119,21 @@ def test_evaluate_bad_input(pair, tmp_path):
     sitk.WriteImage(img, str(d / "nan_disp.mha"))
     res = run("evaluate", "--displacement", d / "nan_disp.mha")
     assert res.exit_code == 2 and "nan_disp.mha" in res.output and "NaN" in res.output
+    # a field of another pair (another box, or 2D) next to these labels: refused, naming it
+    far = Grid((24, 22, 20), (1.0, 1.0, 1.0), (40.0, -5.0, 3.0))
+    write_displacement(_translation_field(far, SHIFT), d / "far.nii.gz")
+    flat = Grid((24, 22), (1.0, 1.0), (10.0, -5.0))
+    write_displacement(DisplacementField(torch.zeros(1, 2, 22, 24, dtype=torch.float64), flat), d / "flat.nii.gz")
+    for name, word in (("far.nii.gz", "another region"), ("flat.nii.gz", "2D")):
+        res = run("evaluate", "--fixed-labels", d / "fixed_labels.nii.gz", "--warped-labels",
+                  d / "warped_labels.nii.gz", "--displacement", d / name)
+        assert res.exit_code == 2 and name in res.output and word in res.output, res.output
+    # the same box at half the resolution (as Learn2Reg's fields) is accepted
+    half = Grid((12, 11, 10), (2.0, 2.0, 2.0), (10.5, -4.5, 3.5))
+    write_displacement(_translation_field(half, SHIFT), d / "half.nii.gz")
+    res = run("evaluate", "--fixed-labels", d / "fixed_labels.nii.gz", "--warped-labels",
+              d / "warped_labels.nii.gz", "--displacement", d / "half.nii.gz")
+    assert res.exit_code == 0, res.output
 
 
 # ------------------------------------------------------------------------------- Learn2Reg

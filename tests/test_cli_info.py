@@ -64,3 +64,20 @@ def test_reuse_freed_memory_applies_on_glibc_and_respects_the_users_settings(mon
         assert applied is True
     else:
         assert applied is False
+
+
+def test_info_shows_the_raw_header_of_a_nifti_it_cannot_use(tmp_path):
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((4, 5, 6))
+    hdr.set_data_dtype(np.float32)
+    hdr["sform_code"], hdr["qform_code"] = 1, 0
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]  # z collapsed
+    path = tmp_path / "singular.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), None, header=hdr), str(path))
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 2
+    assert "raw header" in result.stdout and "4 x 5 x 6" in result.stdout and "sform" in result.stdout
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "singular" in err[0] and "singular.nii.gz" in err[0]

@@ -141,5 +141,28 @@ def test_bad_inputs(pair, tmp_path):
     out.mkdir()
     (out / "warped.nii.gz").write_bytes(b"x")
     _one_line(run("register", f, m, "-o", out, "--config", cfg), "--overwrite")
+    # a 3D image one or two slices thick (a slice saved as 3D): one line naming the file and axis
+    thin = fixed.grid.crop((0, 0, 10), (fixed.grid.size[0], fixed.grid.size[1], 12))
+    write_image(warp_image(fixed, Identity(3), thin), tmp_path / "slab.nii.gz")
+    _one_line(run("register", tmp_path / "slab.nii.gz", m, "-o", tmp_path / "o8", "--config", cfg),
+              "slab.nii.gz", "z (2)", "2D")
+    res = run("register", f, m, "-o", tmp_path / "o9", "--threads", 0)
+    assert res.exit_code == 2 and "--threads" in res.output and "Traceback" not in res.output
     (tmp_path / "bad.yaml").write_text("stages:\n  - type: affine\n    iteratons: 3\n")
     _one_line(run("register", f, m, "-o", tmp_path / "o7", "--config", tmp_path / "bad.yaml"), "iteratons")
+
+
+def test_overwrite_removes_the_earlier_runs_outputs(pair, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(SMALL_CONFIG.replace("[30]", "[3]").replace("[15]", "[2]"))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("warped.nii.gz", "warped_labels.nii.gz", "qc.png"):  # an earlier run's, with labels
+        (out / name).write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    res = run("register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", out, "--config",
+              tmp_path / "tiny.yaml", "--overwrite", "--quiet")
+    assert res.exit_code == 0, res.output
+    # this run has no labels: the old warped labels must not sit beside its transform
+    assert not (out / "warped_labels.nii.gz").exists()
+    assert (out / "warped.nii.gz").read_bytes() != b"old" and (out / "qc.png").read_bytes() != b"old"
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not outputs are left alone

@@ -33,13 +33,22 @@ def _load(x: Image | str | os.PathLike | None, what: str, label: bool = False) -
         return None
     if isinstance(x, Image):
         return x.with_data(x.data.detach())
-    return read_image(x, label=label)
+    try:
+        return read_image(x, label=label)
+    except InputError as exc:  # say which input it was (a mask given an intensity image, ...)
+        raise InputError(f"{exc} (given as the {what})") from None
 
 
 def _check_image(img: Image, what: str) -> None:
     if img.channels != 1:
         raise InputError(f"{img.name}: the {what} image has {img.channels} channels; "
                          "registration needs a single-channel image")
+    thin = [f"{'xyz'[i]} ({n})" for i, n in enumerate(img.grid.size) if n < 3]
+    if thin:
+        raise InputError(f"{img.name}: the {what} image is {'×'.join(map(str, img.grid.size))} voxels, too "
+                         f"thin along {', '.join(thin)}: registration needs at least 3 voxels along "
+                         "each axis; store a single slice as a 2D image (e.g. SimpleITK "
+                         "image[:, :, 0]) and register it in 2D")
     data = img.data
     if data.is_floating_point() and not torch.isfinite(data).all():
         raise InputError(f"{img.name}: the {what} image contains NaN or infinite voxels")
@@ -98,8 +107,7 @@ def register(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike
         ``metrics`` hold similarity before/after, Jacobian statistics, Dice (with labels) and
         runtime.
     """
-    if threads is not None:
-        torch.set_num_threads(int(threads))
+    _set_threads(threads)
     if seed is not None:
         overrides["seed"] = int(seed)
     cfg = resolve_config(preset, config, **overrides)
@@ -130,6 +138,15 @@ def _load_inputs(fixed, moving, fixed_mask=None, moving_mask=None, fixed_labels=
     _check_companion(fl, fixed_i, "fixed label map")
     _check_companion(ml, moving_i, "moving label map")
     return fixed_i, moving_i, fm, mm, fl, ml
+
+
+def _set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads`` with a clear error for a count below 1 (None: leave as is)."""
+    if threads is None:
+        return
+    if int(threads) < 1:
+        raise InputError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(int(threads))
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -183,8 +200,7 @@ def predict(model: str | os.PathLike, fixed: Image | str | os.PathLike, moving: 
     from medreg.train.checkpoint import load_checkpoint
     from medreg.train.predict import predict as run_predict
 
-    if threads is not None:
-        torch.set_num_threads(int(threads))
+    _set_threads(threads)
     if seed is not None:
         torch.manual_seed(int(seed))
     fixed_i, moving_i, _, _, fl, ml = _load_inputs(fixed, moving, None, None, fixed_labels, moving_labels)
@@ -273,6 +289,10 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     out = check_outdir(outdir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in OUTPUT_FILES}
+    # an earlier run's outputs that this one does not write (its warped labels, its QC picture)
+    # would sit beside this run's transform as if they belonged to it: remove them all first
+    for path in paths.values():
+        path.unlink(missing_ok=True)
     fixed = result.fixed
     transform = result.transform.to("cpu")
     warped = result.warped.to("cpu")

@@ -7,6 +7,7 @@ with exit status 2 and one line on stderr: ``medreg <command>: error: <cause>``.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -35,6 +36,12 @@ class MedregGroup(click.Group):
 def main() -> None:
     """medreg: medical image registration (world frame LPS mm, as ITK/ANTs/elastix)."""
     reuse_freed_memory()  # before any large allocation (see medreg.cli._memory)
+    warnings.showwarning = _warning_line
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a NIfTI whose sform and qform differ, ...) as one line, without source lines."""
+    click.echo(f"medreg: warning: {message}", err=True)
 
 
 # subcommands register themselves on import

@@ -23,8 +23,9 @@ in ITK's order, the LAST LISTED FIRST, as antsApplyTransforms -t A -t B applies 
 Transforms map fixed (REFERENCE) space to moving (INPUT) space, so images are pulled back
 onto REFERENCE; --points maps fixed-space points into moving space (use --inverse for
 moving-space points into fixed space). Interpolation is linear unless asked (as in ITK):
-use nearest for label maps, or soft to propagate each label linearly (argmax). Integer
-images keep their pixel type (rounded).
+use nearest for label maps, or soft to propagate each label linearly (argmax); an integer
+image with few values gets a note saying so. Integer images stay integer (rounded; types torch
+lacks are widened when read: uint16 → int32).
 """
 
 
@@ -48,7 +49,8 @@ def load_transforms(paths: list[str]) -> SpatialTransform:
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output image or points file.")
 @click.option("--points", "points_path", type=click.Path(), help="Landmarks (.csv LPS mm, .fcsv, .txt) to map instead of an image.")
 @click.option("--interpolation", "-n", type=click.Choice(["linear", "nearest", "bspline", "soft"]), default=None,
-              help="linear (default for intensities), nearest (default for integer label maps), bspline (cubic), soft (label maps).")
+              help="linear (the default for every image, as in ITK), nearest (label maps), bspline (cubic), "
+                   "soft (label maps: each label linearly, then argmax).")
 @click.option("--inverse", is_flag=True, help="With --points: map through the inverse (moving → fixed space).")
 @click.option("--fill", type=float, default=0.0, show_default=True, help="Value outside the input image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")

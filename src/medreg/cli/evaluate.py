@@ -105,6 +105,30 @@ def format_label_table(labels: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _box(grid) -> torch.Tensor:
+    """World-space bounding box ``(2, D)`` of the voxels of ``grid`` (edges, not centres)."""
+    import itertools
+
+    corners = torch.tensor(list(itertools.product(*[(-0.5, n - 0.5) for n in grid.size])),
+                           dtype=torch.float64)
+    pts = grid.transform_points(corners, "index", "world")
+    return torch.stack([pts.amin(0), pts.amax(0)])
+
+
+def _check_field_grid(disp_path: str, field_grid, labels_path: str, labels_grid) -> None:
+    """A registration's displacement lies on its fixed image's grid: a field of another dimension
+    or covering another box than the fixed labels belongs to another pair. (A field at a coarser
+    spacing over the same box, as Learn2Reg's half-resolution fields, is accepted.)"""
+    if field_grid.ndim != labels_grid.ndim:
+        raise InputError(f"{disp_path}: a {field_grid.ndim}D displacement field, but the fixed labels "
+                         f"{labels_path} are {labels_grid.ndim}D; give the field of this pair's registration")
+    tol = max(field_grid.spacing)
+    if not torch.allclose(_box(field_grid), _box(labels_grid), atol=tol, rtol=0):
+        raise InputError(f"{disp_path}: the displacement field covers another region than the fixed "
+                         f"labels {labels_path} ({field_grid} vs {labels_grid}); a registration's field "
+                         "lies on its fixed image's grid: give the field of this pair's registration")
+
+
 def format_displacement(d: dict[str, Any]) -> str:
     """Readable block of a :func:`displacement_metrics` dict."""
     return "\n".join([
@@ -210,6 +234,8 @@ def _evaluate_single(opts: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         transform = read_transform(tx_path, dtype=torch.float64)
 
     fixed_labels = read_image(fl, label=True) if fl is not None else None
+    if disp_path and fixed_labels is not None:
+        _check_field_grid(disp_path, field_grid, fl, fixed_labels.grid)
     if tx_path and transform is not None:
         grid_src = opts["reference"] or fl
         field_grid = getattr(transform, "grid", None)

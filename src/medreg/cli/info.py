@@ -8,9 +8,34 @@ from typing import Any
 import click
 
 from medreg.cli import main
+from medreg.core.errors import GeometryError
 from medreg.io.images import image_info, read_image
 
 _WIDTH = 12  # label column
+
+
+def _raw_nifti_header(path: str) -> str | None:
+    """The geometry fields of a NIfTI/MGH header as stored (RAS, nibabel), or None when nibabel
+    cannot read the file."""
+    try:
+        import nibabel as nib
+
+        img = nib.load(path)
+    except Exception:  # not a nibabel format: nothing more to show
+        return None
+    hdr = img.header
+    rows = [("file", path), ("shape", " x ".join(map(str, img.shape))),
+            ("zooms", ", ".join(_num(float(z)) for z in hdr.get_zooms()))]
+    if hasattr(hdr, "get_sform"):
+        for kind in ("qform", "sform"):
+            matrix, code = getattr(hdr, f"get_{kind}")(coded=True)
+            text = "none" if matrix is None else "; ".join(
+                " ".join(_num(float(v)) for v in row) for row in matrix[:3])
+            rows.append((kind, f"code {int(code)}: {text}"))
+    else:
+        rows.append(("affine", "; ".join(" ".join(_num(float(v)) for v in row) for row in img.affine[:3])))
+    head = "raw header (RAS, as stored; medreg cannot use it, see the error below)"
+    return "\n".join([head] + [f"{label:<{_WIDTH}} {value}" for label, value in rows])
 
 
 def _num(v: float | int) -> str:
@@ -54,7 +79,15 @@ def info(image: str, as_json: bool, series_id: str | None) -> None:
     direction each index axis points to (as nibabel: an identity-affine NIfTI is RAS).
     4D volumes and vector voxels are shown as channels; NaN voxels are counted, not refused.
     """
-    img = read_image(image, allow_channels=True, allow_nan=True, series_id=series_id)
+    try:
+        img = read_image(image, allow_channels=True, allow_nan=True, series_id=series_id)
+    except GeometryError as exc:
+        raw = _raw_nifti_header(image)
+        if raw is None:
+            raise
+        # a header medreg cannot use is still worth seeing: that is how one diagnoses it
+        click.echo(raw)
+        raise GeometryError(str(exc)) from None
     summary = image_info(img)
     if as_json:
         click.echo(json.dumps(summary, indent=2))

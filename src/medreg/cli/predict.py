@@ -33,7 +33,8 @@ from medreg.cli import main
 @click.option("--initialisation", type=click.Choice(["none", "geometry", "com", "moments", "affine"]),
               default=None, help="Initial alignment before the network (default: the model's).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (torch.set_num_threads; at least 1).")
 @click.option("--seed", type=int, default=None, help="Random seed.")
 @click.option("--quiet", is_flag=True, help="No summary output.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs already in OUTDIR.")

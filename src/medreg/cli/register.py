@@ -20,7 +20,8 @@ from medreg.cli import main
 @click.option("--moving-labels", type=click.Path(), help="Moving label map: warped to warped_labels.nii.gz.")
 @click.option("--fixed-labels", type=click.Path(), help="Fixed label map: with --moving-labels, Dice before/after.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (torch.set_num_threads; at least 1).")
 @click.option("--seed", type=int, default=None, help="Random seed (identical outputs on CPU for a seed and thread count).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs already in OUTDIR.")

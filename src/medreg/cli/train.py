@@ -15,7 +15,8 @@ from medreg.cli import main
 @click.option("--resume", type=click.Path(), default=None, help="Checkpoint (last.pt) to continue from.")
 @click.option("--steps", type=int, default=None, help="Total optimiser steps (replaces train.steps).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:K (replaces train.device).")
-@click.option("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (torch.set_num_threads; at least 1).")
 @click.option("--seed", type=int, default=None, help="Random seed (replaces seed).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in the output folder.")

@@ -185,8 +185,9 @@ def _reason(exc: BaseException) -> str:
 
 def _channels_error(name: str, count: int, what: str) -> InputError:
     return InputError(
-        f"{name}: {what} ({count} of them); medreg reads single 2D/3D images. Pass "
-        "allow_channels=True to read them as channels, or split the file into single volumes"
+        f"{name}: {what} ({count} of them); medreg registers single 2D/3D images: split the "
+        "file into single volumes (e.g. fslsplit, or SimpleITK) and give one (from Python, "
+        "read_image(..., allow_channels=True) reads them as channels)"
     )
 
 
@@ -228,10 +229,11 @@ def _finish(arr: np.ndarray, grid: Grid, name: str, *, dtype: torch.dtype | None
         nonfinite = int((~torch.isfinite(data)).sum())
         if nonfinite and not allow_nan:
             raise InputError(f"{name}: {nonfinite} of {data.numel()} voxels are NaN or infinite; "
-                             "fix the image (e.g. set them to 0) or pass allow_nan=True")
+                             "fix the image (e.g. set them to 0; from Python, "
+                             "read_image(..., allow_nan=True) keeps them)")
     if label:
         if data.is_floating_point():
-            _check_integral(data, name, "label=True asks for a label map")
+            _check_integral(data, name, "read as a label map or mask")
             data = data.to(_label_dtype(data))
         if dtype is not None and (dtype.is_floating_point or dtype.is_complex):
             raise InputError(f"{name}: label=True contradicts dtype={dtype}")
