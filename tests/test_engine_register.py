@@ -415,3 +415,32 @@ def test_greedy_levels_run_on_the_foreground_box_of_a_padded_image(slice2d):
     ssd = medreg.register(fixed, moving, config={"initialisation": "none", "stages": [
         {**stage, "similarity": {"name": "ssd"}, "iterations": [2, 1]}]})
     assert all("cropped_to" not in h for h in ssd.history)
+
+
+def test_a_cropped_level_keeps_the_whole_levels_lncc(slice2d):
+    # LNCC standardises over the voxels it sees: on a crop its eps is rescaled so that the force
+    # (the gradient per voxel) inside the crop is the one of the whole level
+    from medreg.engine.driver import _box_slices, _crop_similarity, _Level, build_similarity
+
+    g = slice2d.grid.pad(40)
+    fixed = Image(torch.nn.functional.pad(slice2d.data, (40, 40, 40, 40)), g, "padded slice")
+    warped = warp_image(fixed, AffineTransform(2, translation=[3.0, -2.0], trainable=False), g).batch()
+    spec = {"name": "lncc", "window": 9, "eps": 1e-3}
+    sim = build_similarity(spec)
+    box = ([30, 30], [g.size[0] - 30, g.size[1] - 30])
+    cut = _box_slices(box)
+    inner = (slice(None), slice(None), slice(10, -10), slice(10, -10))  # windows inside the crop
+
+    def force(module, f, w):
+        w = w.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(module(f, w), w)
+        return grad * w[0, 0].numel()  # per voxel, independent of the mean's count
+
+    whole = force(sim, fixed.batch(), warped)[cut][inner]
+    crop_sim = _crop_similarity(sim, spec, _Level(fixed, fixed, None, None), box, warped)
+    assert crop_sim.eps < sim.eps  # less background: larger variances, so a smaller eps
+    cropped = force(crop_sim, fixed.batch()[cut], warped[cut])[inner]
+    scale = float(whole.abs().max())
+    assert float((cropped - whole).abs().max()) < 1e-3 * scale
+    plain = force(sim, fixed.batch()[cut], warped[cut])[inner]
+    assert float((plain - whole).abs().max()) > 1e-2 * scale
