@@ -209,9 +209,10 @@ class RegistrationConfig:
         crop_to_foreground: greedy levels run on the box around the fixed image's foreground
             (its fixed mask, or with LNCC its voxels above the background) grown by a margin
             that covers the similarity window and the smoothing, when that box holds at most
-            :data:`medreg.engine.driver.CROP_MAX_FRACTION` of the level; outside it the stage
-            adds no displacement (its forces are zero there). Saves most of the time on images
-            with wide empty borders (FreeSurfer's conformed 256³ volumes); False: never crop.
+            :data:`medreg.engine.driver.CROP_MAX_FRACTION` of the level; outside it the field
+            stays as the coarser levels left it (the forces are zero there). Saves most of the
+            time on images with wide empty borders (FreeSurfer's conformed 256³ volumes); False:
+            never crop.
         description: free text shown by ``medreg presets``.
     """
 

@@ -33,7 +33,6 @@ from medreg.transforms import (AffineTransform, BSplineTransform, Compose, Displ
                                LinearTransform, RigidTransform, SimilarityTransform,
                                SpatialTransform, StationaryVelocityField, TranslationTransform,
                                collapse_linear, warp_image)
-from medreg.transforms import functional as TF
 from medreg.transforms.functional import scaling_and_squaring
 
 
@@ -371,7 +370,8 @@ def _foreground_box(level: _Level, similarity: str, margin: int) -> tuple[list[i
     """
     if level.fixed_mask is not None:
         fg = level.fixed_mask[0, 0] > 0
-    elif similarity == "lncc":
+    elif similarity == "lncc" and level.moving_mask is None:  # (a moving mask alone: its
+        # warped copy decides which voxels LNCC standardises over, which a crop would change)
         data = level.fixed.data
         lo, hi = float(data.amin()), float(data.amax())
         fg = ((data - lo).abs() > 1e-3 * (hi - lo)).any(0)
@@ -401,8 +401,8 @@ def _crop_similarity(sim: nn.Module, spec: dict, whole: _Level, box: tuple[list[
     variances smaller, and the same ``eps`` weighs more; that changes how much the flat windows
     count in the (longest-vector-normalised) steps (SDlogJ 0.116 → 0.122 on a FreeSurfer pair).
     Scaling ``eps`` by the ratio of the variance products (fixed and warped moving, whole level
-    over crop) keeps the crop's forces those of the whole level. With a fixed mask the statistics are the mask's,
-    the same on both, and ``sim`` is returned as is.
+    over crop) keeps the crop's forces those of the whole level. With a fixed mask the
+    statistics are the mask's, the same on both, and ``sim`` is returned as is.
     """
     if spec["name"] != "lncc" or whole.fixed_mask is not None:
         return sim
