@@ -422,7 +422,8 @@ def _box_slices(box: tuple[list[int], list[int]]) -> tuple[slice, ...]:
 def _crop_level(level: _Level, box: tuple[list[int], list[int]]) -> _Level:
     """The level with its fixed image and mask cut to ``box`` (the moving side is unchanged)."""
     cut = _box_slices(box)
-    fixed = Image(level.fixed.data[cut[1:]].contiguous(), level.fixed.grid.crop(*box), level.fixed.name)
+    fixed = Image(level.fixed.data[cut[1:]].contiguous(), level.fixed.grid.crop(*box),
+                  level.fixed.name)
     mask = None if level.fixed_mask is None else level.fixed_mask[cut].contiguous()
     return _Level(fixed, level.moving, mask, level.moving_mask)
 
@@ -460,13 +461,13 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
         # on that box and the field outside it stays as the earlier levels left it
         box = (_foreground_box(whole, stage.similarity["name"], _crop_margin(stage, grid))
                if crop and not stage.symmetric else None)
-        level = whole if box is None else _crop_level(whole, box)
-        u_run = u if box is None else u[_box_slices(box)].contiguous()
-        level_sim = sim
+        level, u_run, level_sim = whole, u, sim
         if box is not None:
+            level, u_run = _crop_level(whole, box), u[_box_slices(box)].contiguous()
             with torch.no_grad():
-                warped = warp_image(whole.moving.batch(), Compose(linear, DisplacementField(u, grid, check_finite=False)),
-                                    grid, whole.moving.grid, padding="border", precise=False)
+                t = Compose(linear, DisplacementField(u, grid, check_finite=False))
+                warped = warp_image(whole.moving.batch(), t, grid, whole.moving.grid,
+                                    padding="border", precise=False)
             level_sim = _crop_similarity(sim, stage.similarity, whole, box, warped)
         grid = level.fixed.grid
         step = GreedyStep(grid, stage.lr if stage.lr is not None else DEFAULT_LR, stage.gradient_sigma,
