@@ -222,11 +222,12 @@ def test_greedy_instance_settings_follow_the_fast_preset():
     regularisation it would not apply (it regularises by smoothing and the volume step; the
     volume step's size is the fast stage's finest level's)."""
     from medreg.engine import load_preset
-    from medreg.train.predict import INSTANCE_DEFAULTS, greedy_settings
+    from medreg.train.predict import INSTANCE_DEFAULTS, INSTANCE_GREEDY_SIMILARITY, greedy_settings
 
     stage = next(s for s in load_preset("fast").stages if s.type == "greedy")
     got = greedy_settings(dict(INSTANCE_DEFAULTS))
-    assert got == {"similarity": stage.similarity, "greedy_lr": stage.lr,
+    assert INSTANCE_GREEDY_SIMILARITY["window"] == stage.similarity["window"]
+    assert got == {"similarity": INSTANCE_GREEDY_SIMILARITY, "greedy_lr": stage.lr,
                    "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing,
                    "log_jacobian": stage.log_jacobian[-1]}
     assert greedy_settings({**INSTANCE_DEFAULTS, "gradient_sigma": 2.5})["gradient_sigma"] == 2.5

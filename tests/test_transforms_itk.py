@@ -70,43 +70,6 @@ def test_points_equal_itk_transform_point(fixture, request):
         assert np.abs(ours - ref).max() < 1e-4, name
 
 
-@pytest.mark.parametrize("fixture", ["oblique_grid3d", "oblique_grid2d"])
-def test_field_outside_its_grid_maps_points_as_itk(fixture, request):
-    # ITK displaces nothing outside a displacement field's extent (index < −0.5 or ≥ size − 0.5)
-    # and takes the border value within half a voxel beyond the outer voxel centres
-    grid = request.getfixturevalue(fixture)
-    t = make_transforms(grid)["field"].double()
-    size = torch.tensor(grid.size, dtype=torch.float64)
-    idx = []
-    for off in (-3.0, -0.7, -0.4, 0.3):
-        idx += [torch.full((grid.ndim,), off, dtype=torch.float64), size - 1 - off,
-                torch.cat([size[:1] - 1 - off, (size[1:] - 1) / 2])]
-    pts = grid.transform_points(torch.stack(idx), "index", "world")
-    ours = warp_points(pts, t).numpy()
-    tx = to_sitk(t)
-    ref = np.array([tx.TransformPoint(tuple(p)) for p in pts.tolist()])
-    assert np.abs(ours - ref).max() < 1e-4
-    assert np.abs(ours - pts.numpy()).max() > 0.1  # some are displaced (inside), some not
-
-
-def test_chain_reaching_outside_a_field_warps_as_itk(oblique_grid3d):
-    # a rigid transform after the field (applied first to the reference points of a larger grid)
-    # and a field whose grid the points leave: the warp equals ITK's resampler's
-    grid = oblique_grid3d
-    field = make_transforms(grid)["field"]
-    rigid = RigidTransform(3, rotation=[0.1, -0.05, 0.2], translation=[3.0, -2.0, 1.0],
-                           center=list(grid.center()), trainable=False)
-    chain = Compose(field, rigid)  # rigid first, then the field: points leave the field's grid
-    img = smooth_image(grid)
-    sim = set_sitk_geometry(sitk.GetImageFromArray(img[0, 0].numpy()), grid)
-    ref_grid = grid.pad(3)
-    ref_img = set_sitk_geometry(sitk.Image(list(ref_grid.size), sitk.sitkFloat32), ref_grid)
-    ours = warp_image(img, chain, ref_grid, grid)[0, 0].numpy()
-    ref = sitk.GetArrayFromImage(sitk.Resample(sim, ref_img, to_sitk(chain), sitk.sitkLinear, 0.0,
-                                               sitk.sitkFloat32))
-    assert np.abs(ours - ref).max() < 1e-3 * float(img.max() - img.min())
-
-
 def test_warp_between_different_grids_equals_sitk(oblique_grid3d):
     moving = oblique_grid3d
     fixed = Grid((20, 18, 22), (1.1, 1.0, 1.4), (8.0, -28.0, 0.0))

@@ -97,14 +97,21 @@ INSTANCE_METHODS = ("adam", "greedy")
 INFERENCE_DEFAULT_KEYS = {"symmetric"}
 
 
+#: Similarity of the greedy instance optimisation: LNCC as ``fast``'s window, with LNCC's default
+#: ``eps`` (1e-8), with which the bundled models' refinement was measured; ``fast``'s smaller
+#: ``eps`` (3e-10, tuned on pyramids from identity) has not been measured on a network's field.
+INSTANCE_GREEDY_SIMILARITY = {"name": "lncc", "window": 9}
+
+
 def greedy_settings(opts: dict[str, Any]) -> dict[str, Any]:
-    """``opts``' greedy settings, each ``None`` replaced by the ``fast`` preset's greedy stage value."""
+    """``opts``' greedy settings, each ``None`` replaced by the ``fast`` preset's greedy stage value
+    (the similarity: :data:`INSTANCE_GREEDY_SIMILARITY`)."""
     if opts.get("regularisation"):
         raise InputError("greedy instance optimisation regularises by smoothing and a volume step: "
                          "set gradient_sigma (update), field_smoothing (total field) and "
                          "log_jacobian, or use method: adam for regularisation")
     stage = next(s for s in load_preset("fast").stages if s.type == "greedy")
-    preset = {"similarity": dict(stage.similarity),
+    preset = {"similarity": dict(INSTANCE_GREEDY_SIMILARITY),
               "greedy_lr": stage.lr if stage.lr is not None else DEFAULT_LR,
               "gradient_sigma": stage.gradient_sigma, "field_smoothing": stage.field_smoothing,
               "log_jacobian": stage.log_jacobian[-1]}

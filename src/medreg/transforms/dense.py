@@ -3,11 +3,8 @@
 Convention:
     Fields are ``(N, D, *grid.shape)`` tensors of world (LPS mm) vectors, components ``x, y, z``,
     on the :class:`~medreg.core.grid.Grid` they carry. ``T(x) = x + u(x)`` maps fixed → moving.
-    Between voxels a field is interpolated linearly; as ITK's ``DisplacementFieldTransform``, a
-    point within half a voxel beyond the outer voxel centres takes the border value and a point
-    outside the grid's extent (index below −0.5 or from ``size − 0.5`` on) is not displaced, so
-    landmarks and chained transforms map as in ITK, ANTs and Slicer. (Internal resampling of
-    fields, e.g. composition, extends the border value.)
+    Between voxels a field is interpolated linearly (as ITK's ``DisplacementFieldTransform``);
+    beyond the grid it is extended with its border value.
 """
 
 from __future__ import annotations
@@ -53,12 +50,7 @@ def displace_points(field: Tensor, grid: Grid, points: Tensor) -> Tensor:
     norm = grid.transform_points(p.to(field.dtype), "world", "norm")
     flat = norm.reshape(norm.shape[0], -1, grid.ndim)
     u = TF._field_sample(field, flat).reshape(*norm.shape).to(points.dtype)
-    # outside the grid's extent the displacement is zero, as ITK's (half-open, as its
-    # IsInsideBuffer: −0.5 <= index < size − 0.5)
-    index = grid.transform_points(p.detach().to(torch.float64), "world", "index")
-    size = torch.tensor(grid.size, dtype=torch.float64, device=index.device)
-    inside = ((index >= -0.5) & (index < size - 0.5)).all(-1, keepdim=True)
-    out = p + torch.where(inside, u, torch.zeros((), dtype=u.dtype, device=u.device))
+    out = p + u
     return out if batched else out.squeeze(0)
 
 
