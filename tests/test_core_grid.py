@@ -128,3 +128,14 @@ def test_matvec_field_diagonal_and_general():
         torch.testing.assert_close(matvec_field(m, f), ref, rtol=1e-14, atol=1e-14)
     m = torch.randn(3, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(matvec_field(m, f, diagonal=False), torch.einsum("ij,nj...->ni...", m, f))
+
+
+def test_corners_of_voxel_centres_and_of_voxel_edges(oblique_grid3d):
+    g = oblique_grid3d
+    centres, edges = g.corners(), g.corners(edges=True)
+    assert centres.shape == edges.shape == (8, 3)
+    idx = g.transform_points(edges, "world", "index")
+    assert torch.allclose(idx.amin(0), torch.full((3,), -0.5, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(idx.amax(0), torch.tensor(g.size, dtype=torch.float64) - 0.5, atol=1e-9)
+    assert torch.allclose(g.transform_points(centres, "world", "index").amax(0),
+                          torch.tensor(g.size, dtype=torch.float64) - 1, atol=1e-9)

@@ -107,11 +107,7 @@ def format_label_table(labels: dict[str, Any]) -> str:
 
 def _box(grid) -> torch.Tensor:
     """World-space bounding box ``(2, D)`` of the voxels of ``grid`` (edges, not centres)."""
-    import itertools
-
-    corners = torch.tensor(list(itertools.product(*[(-0.5, n - 0.5) for n in grid.size])),
-                           dtype=torch.float64)
-    pts = grid.transform_points(corners, "index", "world")
+    pts = grid.corners(edges=True)
     return torch.stack([pts.amin(0), pts.amax(0)])
 
 

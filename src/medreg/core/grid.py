@@ -298,11 +298,13 @@ class Grid:
         mid = torch.tensor([(n - 1) / 2.0 for n in self._size], dtype=torch.float64)
         return tuple(self.transform_points(mid, Frame.INDEX, Frame.WORLD).tolist())
 
-    def corners(self) -> Tensor:
-        """World positions of the ``2**D`` corner voxel centres, ``(2**D, D)`` float64."""
+    def corners(self, edges: bool = False) -> Tensor:
+        """World positions of the ``2**D`` corner voxel centres, ``(2**D, D)`` float64; with
+        ``edges`` the corners of the voxels' outer edges (index −0.5 and ``size − 0.5``)."""
         import itertools
 
-        idx = torch.tensor(list(itertools.product(*[(0, n - 1) for n in self._size])),
+        lo, hi = (-0.5, 0.5) if edges else (0.0, 1.0)
+        idx = torch.tensor(list(itertools.product(*[(lo, n - hi) for n in self._size])),
                            dtype=torch.float64)
         return self.transform_points(idx, Frame.INDEX, Frame.WORLD)
 

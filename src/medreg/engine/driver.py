@@ -463,7 +463,8 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
                if crop and not stage.symmetric else None)
         level, u_run, level_sim = whole, u, sim
         if box is not None:
-            level, u_run = _crop_level(whole, box), u[_box_slices(box)].contiguous()
+            cut = _box_slices(box)
+            level, u_run = _crop_level(whole, box), u[cut].contiguous()
             with torch.no_grad():
                 t = Compose(linear, DisplacementField(u, grid, check_finite=False))
                 warped = warp_image(whole.moving.batch(), t, grid, whole.moving.grid,
@@ -500,7 +501,7 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
                 u = u_run
             else:
                 u = u.clone()
-                u[_box_slices(box)] = u_run
+                u[cut] = u_run
         progress.end(last)
         history.append({"stage": si + 1, "type": stage.type, "factor": factor, "iterations": steps,
                         "loss_first": first, "loss_last": last,
