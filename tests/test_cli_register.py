@@ -85,6 +85,28 @@ def test_register_writes_all_outputs_that_itk_reproduces(pair, tmp_path):
     _assert_same_warp(ours, ref2, rng, fixed, moving, tx)
 
 
+def test_ants_apply_transforms_reproduces_the_warp(pair, tmp_path):
+    """`transform.h5` read by ANTs (antspyx's antsApplyTransforms; installed by `make
+    bench-setup`, skipped without it) warps the moving image as `warped.nii.gz`: moving on
+    another grid, spacing and axis orientation than fixed."""
+    ants = pytest.importorskip("ants")
+    out = tmp_path / "out"
+    res = run("register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", out, "--config",
+              pair / "small.yaml", "--quiet")
+    assert res.exit_code == 0, res.output
+    fixed_a = ants.image_read(str(pair / "fixed.nii.gz"), pixeltype="float")
+    moving_a = ants.image_read(str(pair / "moving.nii.gz"), pixeltype="float")
+    warped_a = ants.apply_transforms(fixed_a, moving_a, transformlist=[str(out / "transform.h5")],
+                                     interpolator="linear")
+    ref = warped_a.numpy().transpose(2, 1, 0)  # antspy arrays are (x, y, z); ours (z, y, x)
+    fixed = sitk.ReadImage(str(pair / "fixed.nii.gz"))
+    moving = sitk.ReadImage(str(pair / "moving.nii.gz"), sitk.sitkFloat32)
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    assert np.allclose(warped_a.origin, fixed.GetOrigin()) and ref.shape == ours.shape
+    _assert_same_warp(ours, ref, float(ours.max() - ours.min()), fixed, moving,
+                      sitk.ReadTransform(str(out / "transform.h5")))
+
+
 def _assert_same_warp(ours, ref, rng, fixed, moving, tx):
     """Our warp equals ITK's inside the image (2 border voxels off), except where a point lands
     within 1e-3 voxel of the moving image's edge (index −0.5 or size − 0.5): there float32 vs

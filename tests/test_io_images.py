@@ -160,7 +160,7 @@ def test_sheared_affine_is_rejected_with_file_name(tmp_path):
 
 
 # ------------------------------------------------------------------------------ round trips
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".nrrd"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"])
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int16, torch.uint8])
 def test_round_trip_keeps_geometry_values_and_dtype(tmp_path, suffix, ndim, dtype,
