@@ -417,6 +417,21 @@ def test_greedy_levels_run_on_the_foreground_box_of_a_padded_image(slice2d):
     assert all("cropped_to" not in h for h in ssd.history)
 
 
+def test_the_foreground_box_of_a_non_square_level_is_per_axis():
+    # x and y sizes differ and the foreground reaches the far end of x: the box is clamped to
+    # each axis's own size (a box clamped by the other axis's size cut the image and not the grid)
+    from medreg.engine.driver import _crop_level, _foreground_box, _Level
+
+    g = Grid((90, 40), (1.0, 1.0))  # (x, y): tensor (40, 90)
+    data = torch.zeros(1, 40, 90)
+    data[0, 15:25, 70:88] = 1.0
+    level = _Level(Image(data, g), Image(data, g), None, None)
+    start, stop = _foreground_box(level, "lncc", 5)
+    assert (start, stop) == ([65, 10], [90, 30])
+    cropped = _crop_level(level, (start, stop))
+    assert cropped.fixed.grid.size == (25, 20) and cropped.fixed.data.shape == (1, 20, 25)
+
+
 def test_a_cropped_level_keeps_the_whole_levels_lncc(slice2d):
     # LNCC standardises over the voxels it sees: on a crop its eps is rescaled so that the force
     # (the gradient per voxel) inside the crop is the one of the whole level

@@ -379,15 +379,15 @@ def _foreground_box(level: _Level, similarity: str, margin: int) -> tuple[list[i
         return None
     if not bool(fg.any()):
         return None
-    shape = level.fixed.grid.shape  # (x, y, z); fg is indexed (z, y, x)
+    size = level.fixed.grid.size  # (x, y, z); fg is indexed (z, y, x)
     start, stop = [], []
-    for axis in range(len(shape)):
+    for axis in range(len(size)):
         dim = fg.dim() - 1 - axis
         hit = fg.movedim(dim, 0).flatten(1).any(1)
         idx = torch.nonzero(hit).flatten()
         start.append(max(0, int(idx[0]) - margin))
-        stop.append(min(shape[axis], int(idx[-1]) + 1 + margin))
-    if math.prod(b - a for a, b in zip(start, stop)) > CROP_MAX_FRACTION * math.prod(shape):
+        stop.append(min(size[axis], int(idx[-1]) + 1 + margin))
+    if math.prod(b - a for a, b in zip(start, stop)) > CROP_MAX_FRACTION * math.prod(size):
         return None
     return start, stop
 
