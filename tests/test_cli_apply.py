@@ -49,6 +49,25 @@ def test_apply_bundled_real_image_matches_sitk(tmp_path):
     assert lab.is_label and set(torch.unique(lab.data).tolist()) <= set(range(117))
 
 
+def test_apply_writes_in_the_references_space(tmp_path):
+    """A reference in MNI space (NIfTI sform code 4) gives an output tagged MNI too, not
+    scanner: viewers (FSLeyes, AFNI) show the two in one space only then."""
+    import nibabel as nib
+
+    t1 = BUNDLED / "colin27_t1_2mm.nii.gz"
+    ref = nib.load(str(t1))
+    mni = nib.Nifti1Image(np.asanyarray(ref.dataobj), ref.affine)
+    mni.set_sform(ref.affine, code=4)
+    mni.set_qform(ref.affine, code=4)
+    nib.save(mni, str(tmp_path / "ref_mni.nii.gz"))
+    res = run("apply", BUNDLED / "demo_rigid.tfm", t1, "-r", tmp_path / "ref_mni.nii.gz", "-o",
+              tmp_path / "w.nii.gz")
+    assert res.exit_code == 0, res.output
+    hdr = nib.load(str(tmp_path / "w.nii.gz")).header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (4, 4)
+    assert np.allclose(hdr.get_best_affine(), ref.affine)
+
+
 def test_apply_real_shared_image(tmp_path, shared_data):
     fixed = shared_data / "vxm-brain-t1-aseg" / "nifti" / "fixed.nii.gz"
     t = TranslationTransform(3, translation=[2.0, 0.0, -1.0], dtype=torch.float64)

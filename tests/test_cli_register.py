@@ -46,6 +46,7 @@ def pair(tmp_path_factory):
                             center=list(g.center()), trainable=False, dtype=torch.float64)
     moving = warp_image(vol.to(torch.float32), truth.inverse(), mg)
     moving_lab = warp_labels(lab, truth.inverse(), mg)
+    fixed.meta["nifti_codes"] = (4, 2)  # fixed in a standard space (MNI sform, aligned qform)
     for name, img in [("fixed", fixed), ("moving", moving), ("fixed_lab", fixed_lab), ("moving_lab", moving_lab)]:
         write_image(img, tmp / f"{name}.nii.gz")
     (tmp / "small.yaml").write_text(SMALL_CONFIG)
@@ -73,6 +74,11 @@ def test_register_writes_all_outputs_that_itk_reproduces(pair, tmp_path):
     warped = sitk.ReadImage(str(out / "warped.nii.gz"))
     assert warped.GetSize() == fixed.GetSize() and np.allclose(warped.GetOrigin(), fixed.GetOrigin())
     assert np.allclose(warped.GetDirection(), fixed.GetDirection())
+    import nibabel as nib
+
+    for name in ("warped.nii.gz", "warped_labels.nii.gz", "displacement.nii.gz"):  # fixed's space
+        hdr = nib.load(str(out / name)).header
+        assert (hdr["sform_code"], hdr["qform_code"]) == (4, 2), name
     tx = sitk.ReadTransform(str(out / "transform.h5"))
     ref = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     ours = sitk.GetArrayFromImage(warped)

@@ -243,7 +243,31 @@ def test_scaled_integers_become_float(tmp_path):
     img.header.set_slope_inter(0.5, 10.0)
     nib.save(img, str(tmp_path / "scaled.nii"))
     data = read_image(tmp_path / "scaled.nii").data
-    assert data.is_floating_point() and float(data.max()) == 12.0
+    assert data.dtype == torch.float32 and float(data.max()) == 12.0  # not float64: half the memory
+
+
+@pytest.mark.parametrize("codes, written", [((4, 0), (4, 4)), ((2, 1), (2, 1)), ((0, 3), (3, 3)),
+                                            ((1, 1), (1, 1))])
+def test_nifti_space_codes_are_kept(tmp_path, codes, written):
+    """An image in MNI (4) or aligned (2) space is written back in that space, and so is
+    anything resampled onto its grid that carries its ``meta``; a form the file left unset
+    takes the other's code."""
+    aff = np.diag([-2.0, 2.0, 2.5, 1.0])
+    aff[:3, 3] = [90.0, -126.0, -72.0]
+    img = nib.Nifti1Image(np.arange(60, dtype=np.float32).reshape(5, 4, 3), aff)
+    img.set_sform(aff if codes[0] else None, code=codes[0])
+    img.set_qform(aff if codes[1] else None, code=codes[1])
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    image = read_image(tmp_path / "in.nii.gz")
+    assert image.meta["nifti_codes"] == codes
+    write_image(image.with_data(image.data * 2), tmp_path / "out.nii.gz")
+    hdr = nib.load(str(tmp_path / "out.nii.gz")).header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == written
+    assert np.allclose(hdr.get_best_affine(), aff)
+    # an image made without a file is in scanner space (1), as before
+    write_image(Image(image.data, image.grid), tmp_path / "plain.nii.gz")
+    hdr = nib.load(str(tmp_path / "plain.nii.gz")).header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (1, 1)
 
 
 # ------------------------------------------------------------------------------ errors

@@ -164,6 +164,9 @@ def _finish(result: RegistrationResult, fixed: Image, moving: Image, fixed_label
     if moving_labels is not None:
         with torch.no_grad():
             result.warped_labels = warp_labels(moving_labels, result.transform.to("cpu"), fixed.grid)
+    for out in (result.warped, result.warped_labels):  # on fixed's grid: written in its space
+        if out is not None:
+            out.meta.update(fixed.meta)
     result.metrics = compute_metrics(result)
     return result
 
@@ -304,7 +307,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     # one writes the transform, the metrics and the QC picture; errors surface below
     with ThreadPoolExecutor(max_workers=1) as pool:
         nifti = pool.submit(_write_niftis, warped, warped_labels,
-                            DisplacementField(disp, fixed.grid), paths)
+                            DisplacementField(disp, fixed.grid), paths, fixed.meta)
         write_transform(transform, paths["transform.h5"], grid=fixed.grid)
         meta = {**result.metrics, "preset_config": result.config.to_dict(), "versions": versions(),
                 "fixed": fixed.name, "moving": result.moving.name}
@@ -324,10 +327,10 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
 
 
 def _write_niftis(warped: Image, warped_labels: Image | None, field: DisplacementField,
-                  paths: dict[str, Path]) -> None:
+                  paths: dict[str, Path], meta: dict) -> None:
     from medreg.io import write_displacement, write_image
 
     write_image(warped, paths["warped.nii.gz"])
     if warped_labels is not None:
         write_image(warped_labels, paths["warped_labels.nii.gz"])
-    write_displacement(field, paths["displacement.nii.gz"])
+    write_displacement(field, paths["displacement.nii.gz"], meta=meta)

@@ -96,6 +96,7 @@ def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill
             warped = warp_labels(image, transform, ref.grid, mode="soft")
         else:
             warped = warp_image(image, transform, ref.grid, interpolation=mode, fill=fill)
+    warped.meta.update(ref.meta)  # on the reference's grid: written in its space (NIfTI codes)
     write_image(warped, out, overwrite=overwrite)
     g = warped.grid
     click.echo(f"wrote {out}  (size {'x'.join(map(str, g.size))}, spacing "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,11 +21,15 @@ class Image:
             Integer dtypes mark label maps.
         grid: where the voxels are in world space (LPS mm).
         name: where it came from (a path), used in messages.
+        meta: file-format details that a writer keeps when the image (or an output on its grid)
+            is written again, e.g. ``nifti_codes``: the NIfTI ``(sform_code, qform_code)`` that
+            say which space the world coordinates are in (scanner, aligned, MNI, ...).
     """
 
     data: Tensor
     grid: Grid
     name: str = "<image>"
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, Tensor):
@@ -56,8 +61,8 @@ class Image:
         return x.unsqueeze(0)
 
     def to(self, *args, **kwargs) -> "Image":
-        return Image(self.data.to(*args, **kwargs), self.grid, self.name)
+        return Image(self.data.to(*args, **kwargs), self.grid, self.name, dict(self.meta))
 
     def with_data(self, data: Tensor) -> "Image":
-        """Same grid and name, new voxels."""
-        return Image(data, self.grid, self.name)
+        """Same grid, name and meta, new voxels."""
+        return Image(data, self.grid, self.name, dict(self.meta))

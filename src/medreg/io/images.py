@@ -281,13 +281,25 @@ def _nifti_affine(img: Any, name: str) -> np.ndarray:
     return aff
 
 
-def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid]:
+def _nifti_meta(img: Any) -> dict[str, Any]:
+    """What a NIfTI writer keeps of ``img``'s header (:attr:`Image.meta`): the space codes."""
+    hdr = img.header
+    if not hasattr(hdr, "get_sform"):
+        return {}
+    return {"nifti_codes": (int(hdr["sform_code"]), int(hdr["qform_code"]))}
+
+
+def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid, dict[str, Any]]:
     name = str(path)
     try:
         img = nib.load(name, mmap=False)  # a memory map would tie the tensor to the file
         shape = tuple(int(s) for s in img.shape)
         affine = _nifti_affine(img, name)
         arr = np.asanyarray(img.dataobj)
+        if arr.dtype == np.float64 and img.get_data_dtype() != np.float64:
+            # integers with scl_slope/scl_inter come back scaled in float64: float32 holds them
+            # (as SimpleITK reads them) at half the memory
+            arr = arr.astype(np.float32)
     except (InputError, MemoryError):
         raise
     except Exception as exc:  # nibabel raises many types for damaged or foreign files
@@ -322,7 +334,7 @@ def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid]:
         raise InputError(f"{name}: {len(shape)}D data is not supported; medreg needs 2D or 3D")
     grid = grid_from_nifti_affine(affine, arr.shape[:spatial], name)
     # (x, y[, z], C) → (C, [z,] y, x)
-    return np.transpose(arr, tuple(range(spatial, -1, -1))), grid
+    return np.transpose(arr, tuple(range(spatial, -1, -1))), grid, _nifti_meta(img)
 
 
 # ---------------------------------------------------------------------------------- SimpleITK
@@ -415,11 +427,14 @@ def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None, lab
     path = Path(path)
     _check_readable(path)
     name = str(path)
+    meta: dict[str, Any] = {}
     if path.is_file() and file_suffix(path) in NIBABEL_SUFFIXES:
-        arr, grid = _read_nibabel(path, allow_channels)
+        arr, grid, meta = _read_nibabel(path, allow_channels)
     else:
         arr, grid = _read_sitk(path, allow_channels, series_id)
-    return _finish(arr, grid, name, dtype=dtype, label=label, allow_nan=allow_nan)
+    image = _finish(arr, grid, name, dtype=dtype, label=label, allow_nan=allow_nan)
+    image.meta.update(meta)
+    return image
 
 
 def _numpy_for_writing(image: Image, path: Path) -> np.ndarray:
@@ -438,7 +453,17 @@ def _numpy_for_writing(image: Image, path: Path) -> np.ndarray:
     return data.numpy()
 
 
-def _write_nibabel(arr: np.ndarray, grid: Grid, path: Path, suffix: str) -> None:
+def _nifti_codes(meta: dict[str, Any]) -> tuple[int, int]:
+    """sform and qform codes to write: the source's (``meta["nifti_codes"]``), a form the source
+    left unset taking the other's code, 1 (scanner) when neither was set. Both forms hold the
+    grid's matrix, so the codes only say which space it is in (MNI 4, aligned 2, ...)."""
+    scode, qcode = meta.get("nifti_codes", (0, 0))
+    scode, qcode = int(scode), int(qcode)
+    return scode or qcode or 1, qcode or scode or 1
+
+
+def _write_nibabel(arr: np.ndarray, grid: Grid, path: Path, suffix: str,
+                   meta: dict[str, Any] | None = None) -> None:
     channels, d = arr.shape[0], grid.ndim
     # (C, [z,] y, x) → (x, y[, z], C)
     xyz = np.transpose(arr, tuple(range(d, -1, -1)))
@@ -459,8 +484,9 @@ def _write_nibabel(arr: np.ndarray, grid: Grid, path: Path, suffix: str) -> None
             out.header.set_intent("vector")
         else:
             out = nib.Nifti1Image(xyz[..., 0], affine, dtype=xyz.dtype)
-        out.set_sform(affine, code=1)
-        out.set_qform(affine, code=1)
+        scode, qcode = _nifti_codes(meta or {})
+        out.set_sform(affine, code=scode)
+        out.set_qform(affine, code=qcode)
         out.header.set_xyzt_units("mm")
         if suffix == ".nii.gz":  # nibabel writes, the blocks are compressed on all threads
             with ParallelGzipWriter(path) as f:
@@ -484,7 +510,8 @@ def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True
     """Write an image; the format follows the file ending.
 
     ``.nii``/``.nii.gz`` are written with nibabel, sform and qform both set to the grid's
-    voxel-to-RAS matrix with code 1 (scanner), units mm; ``.nii.gz`` is compressed in blocks on
+    voxel-to-RAS matrix, with the space codes of ``image.meta["nifti_codes"]`` (those of the file
+    the image, or the reference it was resampled onto, was read from; else 1, scanner), units mm; ``.nii.gz`` is compressed in blocks on
     all threads (one gzip member per block, :mod:`medreg.io._gzip`). Single-channel images are
     2D/3D files; multi-channel images are ITK vector images (NIfTI 5D ``(X, Y, Z, 1, C)``, intent "vector";
     a 2D image has ``Z = 1``). ``.mgz``/``.mgh`` go through nibabel (3D only; float64 becomes
@@ -506,7 +533,7 @@ def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True
     suffix = file_suffix(path)
     try:
         if suffix in NIBABEL_SUFFIXES:
-            _write_nibabel(arr, image.grid, path, suffix)
+            _write_nibabel(arr, image.grid, path, suffix, image.meta)
         else:
             _write_sitk(arr, image.grid, path)
     except (RuntimeError, OSError, ValueError, ImageFileError) as exc:

@@ -232,11 +232,13 @@ def read_displacement(path: str | os.PathLike, dtype: torch.dtype = torch.float3
 
 
 def write_displacement(transform: SpatialTransform, path: str | os.PathLike, *,
-                       grid: Grid | None = None, overwrite: bool = True) -> None:
+                       grid: Grid | None = None, overwrite: bool = True,
+                       meta: dict | None = None) -> None:
     """Write the dense displacement of ``transform`` (float32 LPS mm vectors, ITK convention).
 
     Args:
         grid: where to sample; default the transform's own grid (fields, SVFs).
+        meta: :attr:`Image.meta` of the image whose grid it is (a NIfTI keeps its space codes).
     """
     p = Path(path)
     check_output_path(p, overwrite)
@@ -249,7 +251,7 @@ def write_displacement(transform: SpatialTransform, path: str | os.PathLike, *,
     if file_suffix(p) in (".nii", ".nii.gz"):
         # the vector NIfTI SimpleITK would write (intent vector, (X, Y, Z, 1, D), LPS mm
         # components), written by nibabel with the compression on all threads
-        write_image(Image(field[0].detach().to("cpu", torch.float32), grid), p)
+        write_image(Image(field[0].detach().to("cpu", torch.float32), grid, meta=dict(meta or {})), p)
         return
     img = sitk.Cast(_field_to_sitk_image(field, grid), sitk.sitkVectorFloat32)
     sitk.WriteImage(img, str(p))
