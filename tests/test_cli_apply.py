@@ -68,6 +68,27 @@ def test_apply_writes_in_the_references_space(tmp_path):
     assert np.allclose(hdr.get_best_affine(), ref.affine)
 
 
+def test_apply_takes_only_the_grid_of_the_reference(tiny):
+    """A reference with NaN voxels or several volumes (an fMRI run) gives its grid, as
+    antsApplyTransforms -r does; the image that is resampled is still checked."""
+    import nibabel as nib
+
+    tmp, g, img = tiny
+    write_transform(TranslationTransform(3, translation=[1.0, 0.0, 0.0], dtype=torch.float64), tmp / "t.mat")
+    ref = nib.load(str(tmp / "tiny.nii.gz"))
+    vol = np.asanyarray(ref.dataobj).astype(np.float32)
+    vol[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(vol, ref.affine), str(tmp / "nan_ref.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([vol, vol, vol], -1), ref.affine), str(tmp / "run_4d.nii.gz"))
+    for name in ("nan_ref.nii.gz", "run_4d.nii.gz"):
+        res = run("apply", tmp / "t.mat", tmp / "tiny.nii.gz", "-r", tmp / name, "-o", tmp / f"w_{name}")
+        assert res.exit_code == 0, res.output
+        out = read_image(tmp / f"w_{name}")
+        assert out.grid.allclose(g) and bool(torch.isfinite(out.data).all())
+    res = run("apply", tmp / "t.mat", tmp / "nan_ref.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "x.nii.gz")
+    assert res.exit_code == 2 and "NaN" in res.output
+
+
 def test_apply_real_shared_image(tmp_path, shared_data):
     fixed = shared_data / "vxm-brain-t1-aseg" / "nifti" / "fixed.nii.gz"
     t = TranslationTransform(3, translation=[2.0, 0.0, -1.0], dtype=torch.float64)

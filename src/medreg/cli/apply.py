@@ -55,7 +55,7 @@ def load_transforms(paths: list[str]) -> SpatialTransform:
 @click.option("--fill", type=float, default=0.0, show_default=True, help="Value outside the input image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
 def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill, overwrite):
-    from medreg.io import read_image, read_landmarks, write_image, write_landmarks
+    from medreg.io import read_image, read_landmarks, read_reference, write_image, write_landmarks
 
     out = check_output_path(output, overwrite, how="pass --overwrite")
     if points_path is not None:
@@ -80,7 +80,7 @@ def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill
     *tpaths, input_path = args
     transform = load_transforms(tpaths)
     image = read_image(input_path)
-    ref = read_image(reference)
+    ref = read_reference(reference)  # only its grid and header are used
     if transform.ndim != image.ndim or ref.ndim != image.ndim:
         raise GeometryError(
             f"dimension mismatch: transform {transform.ndim}D, {input_path} {image.ndim}D, "

@@ -192,7 +192,7 @@ def _label_list(labels_text: str | None, labels_file: str | None, lut: str | Non
 
 
 def _evaluate_single(opts: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from medreg.io import read_displacement, read_image, read_landmarks, read_transform
+    from medreg.io import read_displacement, read_image, read_landmarks, read_reference, read_transform
     from medreg.metrics import DISPLACEMENT_DEFINITIONS, displacement_metrics, label_metrics, tre
     from medreg.transforms import warp_labels
 
@@ -236,7 +236,7 @@ def _evaluate_single(opts: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         grid_src = opts["reference"] or fl
         field_grid = getattr(transform, "grid", None)
         if grid_src is not None:
-            field_grid = read_image(grid_src).grid if grid_src != fl else fixed_labels.grid
+            field_grid = read_reference(grid_src).grid if grid_src != fl else fixed_labels.grid
         if field_grid is not None:
             with torch.no_grad():
                 field = transform.displacement(field_grid)

@@ -59,6 +59,7 @@ from medreg.io.paths import check_output_path, file_suffix
 
 __all__ = [
     "read_image",
+    "read_reference",
     "write_image",
     "image_info",
     "grid_from_sitk",
@@ -435,6 +436,14 @@ def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None, lab
     image = _finish(arr, grid, name, dtype=dtype, label=label, allow_nan=allow_nan)
     image.meta.update(meta)
     return image
+
+
+def read_reference(path: str | os.PathLike) -> Image:
+    """Read an image only for its grid and header: the reference grid that outputs are
+    resampled onto (``medreg apply -r``). Its voxels are not used, so NaN voxels and several
+    volumes or components (an fMRI run, a vector image) are accepted, as
+    ``antsApplyTransforms -r`` accepts them."""
+    return read_image(path, allow_channels=True, allow_nan=True)
 
 
 def _numpy_for_writing(image: Image, path: Path) -> np.ndarray:

@@ -93,7 +93,8 @@ def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid 
             error (~1e-7 of the value range); other inputs without gradients use float64; with
             gradients, the input's dtype.
 
-    Integer images keep their dtype: values are rounded and clamped, as ITK's resampler does.
+    Integer images keep their dtype: values are rounded to the nearest integer and clamped to
+    the type's range (ITK's resampler truncates towards zero instead).
     For label maps use ``nearest`` or :func:`warp_labels` (linear mixes label values).
 
     Returns:
