@@ -68,6 +68,22 @@ def test_apply_writes_in_the_references_space(tmp_path):
     assert np.allclose(hdr.get_best_affine(), ref.affine)
 
 
+def test_apply_keeps_a_uint16_label_maps_type(tiny):
+    tmp, g, img = tiny
+    labels = Image(torch.randint(0, 3, g.shape) * 30000, g, "u16 labels")
+    write_image(labels, tmp / "lab.nii.gz")
+    import nibabel as nib
+
+    raw = nib.load(str(tmp / "lab.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asanyarray(raw.dataobj).astype(np.uint16), raw.affine), str(tmp / "u16.nii.gz"))
+    write_transform(TranslationTransform(3, translation=[1.5, 0.0, 0.0], dtype=torch.float64), tmp / "t.mat")
+    res = run("apply", tmp / "t.mat", tmp / "u16.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "w.nii.gz",
+              "--interpolation", "nearest")
+    assert res.exit_code == 0, res.output
+    out = nib.load(str(tmp / "w.nii.gz"))
+    assert out.get_data_dtype() == np.uint16 and set(np.unique(np.asanyarray(out.dataobj))) <= {0, 30000, 60000}
+
+
 def test_apply_takes_only_the_grid_of_the_reference(tiny):
     """A reference with NaN voxels or several volumes (an fMRI run) gives its grid, as
     antsApplyTransforms -r does; the image that is resampled is still checked."""

@@ -222,6 +222,12 @@ def test_unsigned_types_are_widened(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "u16.mha"))
     img = read_image(tmp_path / "u16.mha")
     assert img.data.dtype == torch.int32 and int(img.data.max()) == 65535
+    # written back as the type it was stored in, while the values fit it
+    for suffix in (".mha", ".nii.gz"):
+        write_image(img, tmp_path / f"back{suffix}")
+        assert sitk.ReadImage(str(tmp_path / f"back{suffix}")).GetPixelID() == sitk.sitkUInt16
+    write_image(img.with_data(img.data - 1), tmp_path / "neg.nii.gz")  # -1 does not fit uint16
+    assert sitk.ReadImage(str(tmp_path / "neg.nii.gz")).GetPixelID() == sitk.sitkInt32
 
 
 def test_label_flag_and_dtype_cast(tmp_path, oblique_grid2d):

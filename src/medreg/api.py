@@ -20,6 +20,7 @@ from medreg.core.errors import InputError
 from medreg.core.image import Image
 from medreg.engine import (Progress, RegistrationConfig, RegistrationResult, config_from_dict,
                            load_config, load_preset, merge_overrides, run_registration)
+from medreg.io.images import output_meta
 from medreg.transforms import DisplacementField, warp_image, warp_labels
 
 OUTPUT_FILES = ("warped.nii.gz", "warped_labels.nii.gz", "transform.h5", "displacement.nii.gz",
@@ -164,9 +165,10 @@ def _finish(result: RegistrationResult, fixed: Image, moving: Image, fixed_label
     if moving_labels is not None:
         with torch.no_grad():
             result.warped_labels = warp_labels(moving_labels, result.transform.to("cpu"), fixed.grid)
-    for out in (result.warped, result.warped_labels):  # on fixed's grid: written in its space
-        if out is not None:
-            out.meta.update(fixed.meta)
+    # outputs on fixed's grid are written in its space, label maps in the moving map's type
+    result.warped.meta.update(output_meta(fixed))
+    if result.warped_labels is not None:
+        result.warped_labels.meta.update(output_meta(fixed, moving_labels))
     result.metrics = compute_metrics(result)
     return result
 
@@ -307,7 +309,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     # one writes the transform, the metrics and the QC picture; errors surface below
     with ThreadPoolExecutor(max_workers=1) as pool:
         nifti = pool.submit(_write_niftis, warped, warped_labels,
-                            DisplacementField(disp, fixed.grid), paths, fixed.meta)
+                            DisplacementField(disp, fixed.grid), paths, output_meta(fixed))
         write_transform(transform, paths["transform.h5"], grid=fixed.grid)
         meta = {**result.metrics, "preset_config": result.config.to_dict(), "versions": versions(),
                 "fixed": fixed.name, "moving": result.moving.name}

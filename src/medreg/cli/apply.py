@@ -24,8 +24,9 @@ Transforms map fixed (REFERENCE) space to moving (INPUT) space, so images are pu
 onto REFERENCE; --points maps fixed-space points into moving space (use --inverse for
 moving-space points into fixed space). Interpolation is linear unless asked (as in ITK):
 use nearest for label maps, or soft to propagate each label linearly (argmax); an integer
-image with few values gets a note saying so. Integer images stay integer (rounded; types torch
-lacks are widened when read: uint16 → int32).
+image with few values gets a note saying so. Integer images keep their type (rounded; a uint16
+image is written back as uint16 while its values fit). The output is in REFERENCE's space
+(its NIfTI sform/qform codes); REFERENCE is read only for its grid (NaN voxels and 4D are fine).
 """
 
 
@@ -55,7 +56,8 @@ def load_transforms(paths: list[str]) -> SpatialTransform:
 @click.option("--fill", type=float, default=0.0, show_default=True, help="Value outside the input image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
 def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill, overwrite):
-    from medreg.io import read_image, read_landmarks, read_reference, write_image, write_landmarks
+    from medreg.io import (output_meta, read_image, read_landmarks, read_reference, write_image,
+                           write_landmarks)
 
     out = check_output_path(output, overwrite, how="pass --overwrite")
     if points_path is not None:
@@ -96,7 +98,7 @@ def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill
             warped = warp_labels(image, transform, ref.grid, mode="soft")
         else:
             warped = warp_image(image, transform, ref.grid, interpolation=mode, fill=fill)
-    warped.meta.update(ref.meta)  # on the reference's grid: written in its space (NIfTI codes)
+    warped.meta.update(output_meta(ref, image))  # in the reference's space, the input's voxel type
     write_image(warped, out, overwrite=overwrite)
     g = warped.grid
     click.echo(f"wrote {out}  (size {'x'.join(map(str, g.size))}, spacing "

@@ -60,6 +60,7 @@ from medreg.io.paths import check_output_path, file_suffix
 __all__ = [
     "read_image",
     "read_reference",
+    "output_meta",
     "write_image",
     "image_info",
     "grid_from_sitk",
@@ -433,9 +434,22 @@ def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None, lab
         arr, grid, meta = _read_nibabel(path, allow_channels)
     else:
         arr, grid = _read_sitk(path, allow_channels, series_id)
+    stored = arr.dtype.newbyteorder("=")
     image = _finish(arr, grid, name, dtype=dtype, label=label, allow_nan=allow_nan)
     image.meta.update(meta)
+    if stored in _WIDEN and stored != np.bool_ and not image.data.is_floating_point():
+        image.meta["stored_dtype"] = str(stored)  # widened for torch (uint16 → int32): written back so
     return image
+
+
+def output_meta(space_of: Image, values_of: Image | None = None) -> dict[str, Any]:
+    """:attr:`Image.meta` for an output on ``space_of``'s grid whose voxels come from
+    ``values_of`` (a warped image or label map): the space (NIfTI codes) of the one and the
+    stored voxel type (e.g. ``uint16``, widened when read) of the other."""
+    out = {k: v for k, v in space_of.meta.items() if k == "nifti_codes"}
+    if values_of is not None and "stored_dtype" in values_of.meta:
+        out["stored_dtype"] = values_of.meta["stored_dtype"]
+    return out
 
 
 def read_reference(path: str | os.PathLike) -> Image:
@@ -459,6 +473,11 @@ def _numpy_for_writing(image: Image, path: Path) -> np.ndarray:
         info = torch.iinfo(torch.int32)
         if data.numel() == 0 or (data.min() >= info.min and data.max() <= info.max):
             data = data.to(torch.int32)  # int64 NIfTI/ITK files are poorly supported elsewhere
+    stored = image.meta.get("stored_dtype")
+    if stored is not None and not data.is_floating_point():
+        info = np.iinfo(stored)  # the type the voxels were read from (uint16 read as int32)
+        if data.numel() == 0 or (int(data.min()) >= info.min and int(data.max()) <= info.max):
+            return data.numpy().astype(stored)
     return data.numpy()
 
 
