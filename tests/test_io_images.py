@@ -252,6 +252,28 @@ def test_scaled_integers_become_float(tmp_path):
     assert data.dtype == torch.float32 and float(data.max()) == 12.0  # not float64: half the memory
 
 
+def test_a_2d_slice_keeps_its_place_along_the_third_axis(tmp_path):
+    """A 2D NIfTI slice at z = 40 mm (rotated in plane, 3 mm thick) is written back at z = 40,
+    and so is an output on its grid (``output_meta``): not at z = 0."""
+    from medreg.io import output_meta
+
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    aff = np.array([[-1.2 * c, 1.1 * s_, 0, 30.0], [1.2 * s_, 1.1 * c, 0, -20.0],
+                    [0, 0, 3.0, 40.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.random.rand(20, 16).astype(np.float32), aff), str(tmp_path / "slice.nii.gz"))
+    image = read_image(tmp_path / "slice.nii.gz")
+    assert image.ndim == 2
+    write_image(image, tmp_path / "back.nii.gz")
+    assert np.allclose(nib.load(str(tmp_path / "back.nii.gz")).affine, aff, atol=1e-5)
+    out = Image(torch.zeros(image.grid.shape), image.grid, meta=output_meta(image))
+    write_image(out, tmp_path / "out.nii.gz")
+    assert np.allclose(nib.load(str(tmp_path / "out.nii.gz")).affine, aff, atol=1e-5)
+    # on another grid the slice's matrix does not apply: the third axis is the default again
+    other = Image(torch.zeros(5, 5), image.grid.crop((2, 2), (7, 7)), meta=output_meta(image))
+    write_image(other, tmp_path / "other.nii.gz")
+    assert nib.load(str(tmp_path / "other.nii.gz")).affine[2, 3] == 0.0
+
+
 @pytest.mark.parametrize("codes, written", [((4, 0), (4, 4)), ((2, 1), (2, 1)), ((0, 3), (3, 3)),
                                             ((1, 1), (1, 1))])
 def test_nifti_space_codes_are_kept(tmp_path, codes, written):

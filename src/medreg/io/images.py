@@ -336,7 +336,10 @@ def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid, d
         raise InputError(f"{name}: {len(shape)}D data is not supported; medreg needs 2D or 3D")
     grid = grid_from_nifti_affine(affine, arr.shape[:spatial], name)
     # (x, y[, z], C) → (C, [z,] y, x)
-    return np.transpose(arr, tuple(range(spatial, -1, -1))), grid, _nifti_meta(img)
+    meta = _nifti_meta(img)
+    if spatial == 2:  # the slice's place along the third axis, which a 2D grid does not hold
+        meta["nifti_affine"] = affine
+    return np.transpose(arr, tuple(range(spatial, -1, -1))), grid, meta
 
 
 # ---------------------------------------------------------------------------------- SimpleITK
@@ -446,7 +449,7 @@ def output_meta(space_of: Image, values_of: Image | None = None) -> dict[str, An
     """:attr:`Image.meta` for an output on ``space_of``'s grid whose voxels come from
     ``values_of`` (a warped image or label map): the space (NIfTI codes) of the one and the
     stored voxel type (e.g. ``uint16``, widened when read) of the other."""
-    out = {k: v for k, v in space_of.meta.items() if k == "nifti_codes"}
+    out = {k: v for k, v in space_of.meta.items() if k in ("nifti_codes", "nifti_affine")}
     if values_of is not None and "stored_dtype" in values_of.meta:
         out["stored_dtype"] = values_of.meta["stored_dtype"]
     return out
@@ -490,12 +493,28 @@ def _nifti_codes(meta: dict[str, Any]) -> tuple[int, int]:
     return scode or qcode or 1, qcode or scode or 1
 
 
+def _slice_affine(grid: Grid, meta: dict[str, Any]) -> np.ndarray:
+    """The NIfTI matrix of a 2D grid, with the third axis (slice position and thickness) of the
+    file it was read from (``meta["nifti_affine"]``) when that file's in-plane part is this
+    grid's: a registered slice lands where its fixed slice is, not at z = 0. (ITK reads 2D
+    NIfTI without the third axis either way.)"""
+    affine = nifti_affine_from_grid(grid)
+    src = meta.get("nifti_affine")
+    if grid.ndim == 2 and src is not None:
+        src = np.asarray(src, dtype=np.float64)
+        inplane = [0, 1, 3]
+        if (np.allclose(src[:2][:, inplane], affine[:2][:, inplane], atol=1e-4)
+                and np.allclose(src[2, :2], 0.0, atol=1e-6) and np.allclose(src[:2, 2], 0.0, atol=1e-6)):
+            affine[2, 2], affine[2, 3] = src[2, 2], src[2, 3]
+    return affine
+
+
 def _write_nibabel(arr: np.ndarray, grid: Grid, path: Path, suffix: str,
                    meta: dict[str, Any] | None = None) -> None:
     channels, d = arr.shape[0], grid.ndim
     # (C, [z,] y, x) → (x, y[, z], C)
     xyz = np.transpose(arr, tuple(range(d, -1, -1)))
-    affine = nifti_affine_from_grid(grid)
+    affine = _slice_affine(grid, meta or {})
     if suffix in (".mgz", ".mgh"):
         if d != 3:
             raise InputError(f"{path}: MGH files hold 3D images; use .nii.gz for 2D")
