@@ -236,6 +236,14 @@ def test_greedy_force_sums_over_channels():
     both = step.force(image, dloss)
     apart = step.force(image[:, :1], dloss[:, :1]) + step.force(image[:, 1:], dloss[:, 1:])
     assert torch.allclose(both, apart, atol=1e-6)
+    # one channel takes a path without stacked copies: bit-identical to the general formula
+    from medreg.core.functional import matvec_field, smooth_voxels
+    from medreg.engine.greedy import index_gradient
+
+    step = GreedyStep(g, lr=0.5, gradient_sigma=1.0, field_smoothing=0.0)
+    general = -(dloss[:, :1].unsqueeze(2) * index_gradient(image[:, :1])).sum(1)
+    general = smooth_voxels(matvec_field(step.grad_to_world, general, step.aligned), 1.0)
+    assert torch.equal(step.force(image[:, :1], dloss[:, :1]), general)
 
 
 def test_engine_adam_equals_torch_adam_step_for_step():

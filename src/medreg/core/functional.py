@@ -51,11 +51,13 @@ def spatial_gradient_adjoint(g: Tensor, spacing: Sequence[float] | None = None) 
         n = out.shape[axis]
         if n < 2:
             continue
-        gk = g[:, :, comp] / spacing[comp]
-        inner = gk.narrow(axis, 1, n - 2) / 2
+        gk = g[:, :, comp]
+        # one division by 2·spacing: bit-identical to dividing by the spacing, then by 2 (a
+        # power of two scales exactly), without a scaled copy of the whole component
+        inner = gk.narrow(axis, 1, n - 2) / (2 * spacing[comp])
         out.narrow(axis, 2, n - 2).add_(inner)
         out.narrow(axis, 0, n - 2).sub_(inner)
-        first, last = gk.narrow(axis, 0, 1), gk.narrow(axis, n - 1, 1)
+        first, last = gk.narrow(axis, 0, 1) / spacing[comp], gk.narrow(axis, n - 1, 1) / spacing[comp]
         out.narrow(axis, 1, 1).add_(first)
         out.narrow(axis, 0, 1).sub_(first)
         out.narrow(axis, n - 1, 1).add_(last)
@@ -143,20 +145,41 @@ def det_small(jac: Tensor) -> Tensor:
 
 
 def cofactor_small(jac: Tensor) -> Tensor:
-    """Cofactor matrices ``C[:, i, j] = ∂ det / ∂ J[:, i, j]`` of ``(N, D, D, *shape)``, D = 2 or 3."""
+    """Cofactor matrices ``C[:, i, j] = ∂ det / ∂ J[:, i, j]`` of ``(N, D, D, *shape)``, D = 2 or 3.
+
+    Without autograd each entry is written straight into the result (no stacked copies; a
+    negated minor is the same products subtracted the other way round, which IEEE arithmetic
+    makes bit-identical to negating)."""
     d = jac.shape[1]
-    j = jac
-    if d == 2:
-        rows = [[j[:, 1, 1], -j[:, 1, 0]], [-j[:, 0, 1], j[:, 0, 0]]]
-    elif d == 3:
-        def minor(r0, r1, c0, c1):
-            return j[:, r0, c0] * j[:, r1, c1] - j[:, r0, c1] * j[:, r1, c0]
-        rows = [[minor(1, 2, 1, 2), -minor(1, 2, 0, 2), minor(1, 2, 0, 1)],
-                [-minor(0, 2, 1, 2), minor(0, 2, 0, 2), -minor(0, 2, 0, 1)],
-                [minor(0, 1, 1, 2), -minor(0, 1, 0, 2), minor(0, 1, 0, 1)]]
-    else:
+    if d not in (2, 3):
         raise ValueError(f"cofactor_small: D must be 2 or 3, got {d}")
-    return torch.stack([torch.stack(r, dim=1) for r in rows], dim=1)
+    j = jac
+    if torch.is_grad_enabled() and jac.requires_grad:
+        if d == 2:
+            rows = [[j[:, 1, 1], -j[:, 1, 0]], [-j[:, 0, 1], j[:, 0, 0]]]
+        else:
+            def minor(r0, r1, c0, c1):
+                return j[:, r0, c0] * j[:, r1, c1] - j[:, r0, c1] * j[:, r1, c0]
+            rows = [[minor(1, 2, 1, 2), -minor(1, 2, 0, 2), minor(1, 2, 0, 1)],
+                    [-minor(0, 2, 1, 2), minor(0, 2, 0, 2), -minor(0, 2, 0, 1)],
+                    [minor(0, 1, 1, 2), -minor(0, 1, 0, 2), minor(0, 1, 0, 1)]]
+        return torch.stack([torch.stack(r, dim=1) for r in rows], dim=1)
+    out = torch.empty_like(jac)
+    if d == 2:
+        out[:, 0, 0].copy_(j[:, 1, 1])
+        torch.neg(j[:, 1, 0], out=out[:, 0, 1])
+        torch.neg(j[:, 0, 1], out=out[:, 1, 0])
+        out[:, 1, 1].copy_(j[:, 0, 0])
+        return out
+    for row in range(3):
+        r0, r1 = [r for r in range(3) if r != row]
+        for col in range(3):
+            c0, c1 = [c for c in range(3) if c != col]
+            a, b = (c0, c1) if (row + col) % 2 == 0 else (c1, c0)  # swapped: the negated minor
+            dest = out[:, row, col]
+            torch.mul(j[:, r0, a], j[:, r1, b], out=dest)
+            dest.sub_(j[:, r0, b] * j[:, r1, a])
+    return out
 
 
 def jacobian_det(displacement: Tensor, grid: Grid) -> Tensor:

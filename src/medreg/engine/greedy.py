@@ -103,7 +103,16 @@ class GreedyStep:
 
     def force(self, warped: Tensor, dloss: Tensor) -> Tensor:
         """``−∂loss/∂warped · ∇warped`` in world mm per unit, smoothed: ``(N, D, *shape)``."""
-        per_index = -(dloss.unsqueeze(2) * index_gradient(warped)).sum(1)  # summed over channels
+        if warped.shape[1] == 1:  # one channel: each component written once, no stacked copies
+            d = warped.dim() - 2  # (bit-identical to the general line below: −(a·b) = (−a)·b)
+            parts = torch.gradient(warped[:, 0], dim=tuple(range(1, d + 1)))
+            neg = dloss[:, 0].neg()
+            per_index = torch.empty((warped.shape[0], d) + tuple(warped.shape[2:]),
+                                    dtype=warped.dtype, device=warped.device)
+            for comp, part in enumerate(parts[::-1]):  # components x, y, z
+                torch.mul(neg, part, out=per_index[:, comp])
+        else:
+            per_index = -(dloss.unsqueeze(2) * index_gradient(warped)).sum(1)  # over channels
         return smooth_voxels(matvec_field(self.grad_to_world, per_index, self.aligned), self.fluid)
 
     def longest(self, field: Tensor) -> float:
@@ -170,7 +179,7 @@ class GreedyStep:
         # voxels keep a bounded pull towards det 1 instead of an unbounded (or no) one
         floored = det.clamp_min(VOLUME_FLOOR)
         weight = torch.log(floored) / floored
-        d_jac = cof * weight.unsqueeze(1).unsqueeze(1)
+        d_jac = cof.mul_(weight.unsqueeze(1).unsqueeze(1))  # (cof is not needed after this)
         if self.axis_steps is not None:  # axis-aligned: the world-from-index factor is a per-axis step
             return spatial_gradient_adjoint(d_jac, self.axis_steps)
         return spatial_gradient_adjoint(matmul_small(d_jac, self.index_from_world.T))
