@@ -187,7 +187,7 @@ def _reason(exc: BaseException) -> str:
 
 def _channels_error(name: str, count: int, what: str) -> InputError:
     return InputError(
-        f"{name}: {what} ({count} of them); medreg registers single 2D/3D images: split the "
+        f"{name}: {what} ({count} of them); medreg takes single 2D/3D images: split the "
         "file into single volumes (e.g. fslsplit, or SimpleITK) and give one (from Python, "
         "read_image(..., allow_channels=True) reads them as channels)"
     )
