@@ -244,6 +244,19 @@ def test_greedy_force_sums_over_channels():
     general = -(dloss[:, :1].unsqueeze(2) * index_gradient(image[:, :1])).sum(1)
     general = smooth_voxels(matvec_field(step.grad_to_world, general, step.aligned), 1.0)
     assert torch.equal(step.force(image[:, :1], dloss[:, :1]), general)
+    g3 = Grid((7, 6, 5), (1.2, 0.9, 2.0))
+    im3, dl3 = torch.rand(1, 1, *g3.shape, generator=gen), torch.randn(1, 1, *g3.shape, generator=gen)
+    step3 = GreedyStep(g3, lr=0.5, gradient_sigma=1.0, field_smoothing=0.0)
+    general = -(dl3.unsqueeze(2) * index_gradient(im3)).sum(1)
+    general = smooth_voxels(matvec_field(step3.grad_to_world, general, step3.aligned), 1.0)
+    assert torch.equal(step3.force(im3, dl3), general)
+    # with autograd both paths still differentiate (no in-place or out= writes on tracked values)
+    im3.requires_grad_(True)
+    step3.force(im3, dl3).sum().backward()
+    assert im3.grad is not None and bool(torch.isfinite(im3.grad).all())
+    u = (0.3 * torch.rand(1, 3, *g3.shape, generator=gen)).requires_grad_(True)
+    step3._volume_gradient(u).square().sum().backward()
+    assert u.grad is not None and bool(torch.isfinite(u.grad).all())
 
 
 def test_engine_adam_equals_torch_adam_step_for_step():

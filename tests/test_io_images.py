@@ -228,6 +228,12 @@ def test_unsigned_types_are_widened(tmp_path):
         assert sitk.ReadImage(str(tmp_path / f"back{suffix}")).GetPixelID() == sitk.sitkUInt16
     write_image(img.with_data(img.data - 1), tmp_path / "neg.nii.gz")  # -1 does not fit uint16
     assert sitk.ReadImage(str(tmp_path / "neg.nii.gz")).GetPixelID() == sitk.sitkInt32
+    # voxels of another kind, or a type the reader was asked for, are written as they are
+    write_image(img.with_data(img.data > 5), tmp_path / "mask.nii.gz")
+    assert sitk.ReadImage(str(tmp_path / "mask.nii.gz")).GetPixelID() == sitk.sitkUInt8
+    asked = read_image(tmp_path / "u16.mha", dtype=torch.int64)
+    write_image(asked, tmp_path / "asked.nii.gz")
+    assert sitk.ReadImage(str(tmp_path / "asked.nii.gz")).GetPixelID() == sitk.sitkInt32
 
 
 def test_label_flag_and_dtype_cast(tmp_path, oblique_grid2d):
@@ -272,6 +278,32 @@ def test_a_2d_slice_keeps_its_place_along_the_third_axis(tmp_path):
     other = Image(torch.zeros(5, 5), image.grid.crop((2, 2), (7, 7)), meta=output_meta(image))
     write_image(other, tmp_path / "other.nii.gz")
     assert nib.load(str(tmp_path / "other.nii.gz")).affine[2, 3] == 0.0
+    # an sform may leave the slice axis zero (no thickness): the position is kept, 1 mm thick
+    flat = aff.copy()
+    flat[2, 2] = 0.0
+    img = nib.Nifti1Image(np.random.rand(20, 16).astype(np.float32), None)
+    img.set_sform(flat, code=2)
+    nib.save(img, str(tmp_path / "flat.nii.gz"))
+    write_image(read_image(tmp_path / "flat.nii.gz"), tmp_path / "flat_back.nii.gz")
+    back = nib.load(str(tmp_path / "flat_back.nii.gz")).affine
+    assert back[2, 3] == 40.0 and back[2, 2] == 1.0
+
+
+def test_an_spm_style_qform_gives_no_second_space(tmp_path):
+    """sform (aligned, 2) and qform (scanner, 1) with different matrices: the output holds the
+    sform matrix in both forms, so both say the sform's space."""
+    aff = np.diag([-2.0, 2.0, 2.5, 1.0])
+    scanner = aff.copy()
+    scanner[:3, 3] = [5.0, 6.0, 7.0]
+    img = nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), None)
+    img.set_sform(aff, code=2)
+    img.set_qform(scanner, code=1)
+    nib.save(img, str(tmp_path / "spm.nii.gz"))
+    with pytest.warns(UserWarning, match="sform and qform differ"):
+        image = read_image(tmp_path / "spm.nii.gz")
+    write_image(image, tmp_path / "out.nii.gz")
+    hdr = nib.load(str(tmp_path / "out.nii.gz")).header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (2, 2)
 
 
 @pytest.mark.parametrize("codes, written", [((4, 0), (4, 4)), ((2, 1), (2, 1)), ((0, 3), (3, 3)),

@@ -20,7 +20,6 @@ from medreg.core.errors import InputError
 from medreg.core.image import Image
 from medreg.engine import (Progress, RegistrationConfig, RegistrationResult, config_from_dict,
                            load_config, load_preset, merge_overrides, run_registration)
-from medreg.io.images import output_meta
 from medreg.transforms import DisplacementField, warp_image, warp_labels
 
 OUTPUT_FILES = ("warped.nii.gz", "warped_labels.nii.gz", "transform.h5", "displacement.nii.gz",
@@ -165,6 +164,8 @@ def _finish(result: RegistrationResult, fixed: Image, moving: Image, fixed_label
     if moving_labels is not None:
         with torch.no_grad():
             result.warped_labels = warp_labels(moving_labels, result.transform.to("cpu"), fixed.grid)
+    from medreg.io import output_meta
+
     # outputs on fixed's grid are written in its space, label maps in the moving map's type
     result.warped.meta.update(output_meta(fixed))
     if result.warped_labels is not None:
@@ -289,7 +290,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     """Write the standard output folder (see ``docs/architecture.md``): ``warped.nii.gz``,
     ``warped_labels.nii.gz`` (with moving labels), ``transform.h5``, ``displacement.nii.gz``,
     ``metrics.json``, ``qc.png``. Existing files are an error unless ``overwrite``."""
-    from medreg.io import write_transform
+    from medreg.io import output_meta, write_transform
 
     out = check_outdir(outdir, overwrite)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,8 @@ def spatial_gradient_adjoint(g: Tensor, spacing: Sequence[float] | None = None) 
         if n < 2:
             continue
         gk = g[:, :, comp]
-        # one division by 2·spacing: bit-identical to dividing by the spacing, then by 2 (a
-        # power of two scales exactly), without a scaled copy of the whole component
+        # one division by 2·spacing: the same as dividing by the spacing, then by 2 (a power of
+        # two scales exactly, bar subnormal results), without a scaled copy of the component
         inner = gk.narrow(axis, 1, n - 2) / (2 * spacing[comp])
         out.narrow(axis, 2, n - 2).add_(inner)
         out.narrow(axis, 0, n - 2).sub_(inner)
@@ -149,7 +149,7 @@ def cofactor_small(jac: Tensor) -> Tensor:
 
     Without autograd each entry is written straight into the result (no stacked copies; a
     negated minor is the same products subtracted the other way round, which IEEE arithmetic
-    makes bit-identical to negating)."""
+    makes equal to negating, bit for bit up to the sign of a zero)."""
     d = jac.shape[1]
     if d not in (2, 3):
         raise ValueError(f"cofactor_small: D must be 2 or 3, got {d}")

@@ -22,8 +22,10 @@ class Image:
         grid: where the voxels are in world space (LPS mm).
         name: where it came from (a path), used in messages.
         meta: file-format details that a writer keeps when the image (or an output on its grid)
-            is written again, e.g. ``nifti_codes``: the NIfTI ``(sform_code, qform_code)`` that
-            say which space the world coordinates are in (scanner, aligned, MNI, ...).
+            is written again: ``nifti_codes``, the NIfTI ``(sform_code, qform_code)`` that say
+            which space the world coordinates are in (scanner, aligned, MNI, ...);
+            ``nifti_affine``, a 2D slice's 4×4 matrix (its place along the third axis);
+            ``stored_dtype``, ``"uint16"`` for voxels widened to int32 when read.
     """
 
     data: Tensor

@@ -103,8 +103,11 @@ class GreedyStep:
 
     def force(self, warped: Tensor, dloss: Tensor) -> Tensor:
         """``−∂loss/∂warped · ∇warped`` in world mm per unit, smoothed: ``(N, D, *shape)``."""
-        if warped.shape[1] == 1:  # one channel: each component written once, no stacked copies
-            d = warped.dim() - 2  # (bit-identical to the general line below: −(a·b) = (−a)·b)
+        tracked = torch.is_grad_enabled() and (warped.requires_grad or dloss.requires_grad)
+        if warped.shape[1] == 1 and dloss.shape[1] == 1 and not tracked:
+            # one channel: each component written once, no stacked copies; the same values as
+            # the general line below (−(a·b) = (−a)·b), up to the sign of zeros
+            d = warped.dim() - 2
             parts = torch.gradient(warped[:, 0], dim=tuple(range(1, d + 1)))
             neg = dloss[:, 0].neg()
             per_index = torch.empty((warped.shape[0], d) + tuple(warped.shape[2:]),
@@ -179,7 +182,9 @@ class GreedyStep:
         # voxels keep a bounded pull towards det 1 instead of an unbounded (or no) one
         floored = det.clamp_min(VOLUME_FLOOR)
         weight = torch.log(floored) / floored
-        d_jac = cof.mul_(weight.unsqueeze(1).unsqueeze(1))  # (cof is not needed after this)
+        tracked = torch.is_grad_enabled() and u.requires_grad
+        w = weight.unsqueeze(1).unsqueeze(1)
+        d_jac = cof * w if tracked else cof.mul_(w)  # (in place: cof is not needed after this)
         if self.axis_steps is not None:  # axis-aligned: the world-from-index factor is a per-axis step
             return spatial_gradient_adjoint(d_jac, self.axis_steps)
         return spatial_gradient_adjoint(matmul_small(d_jac, self.index_from_world.T))

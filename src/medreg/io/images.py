@@ -30,10 +30,10 @@ Dimensions:
 * ITK multi-component pixels (vector/RGB images) and SimpleITK 4D images become channels only with
   ``allow_channels=True``.
 
-Data types: integer data stays integer (label maps), NIfTI ``scl_slope``/``scl_inter`` scaling
-may turn it into floats (as nibabel does). Types torch lacks or handles poorly are widened:
-``uint16 → int32``, ``uint32/uint64 → int64``, ``bool → uint8``, ``float16 → float32``,
-``longdouble → float64``.
+Data types: integer data stays integer (label maps); NIfTI ``scl_slope``/``scl_inter`` scaling
+turns it into float32. Types torch lacks or handles poorly are widened: ``uint16 → int32``,
+``uint32/uint64 → int64``, ``bool → uint8``, ``float16 → float32``, ``longdouble → float64``; a
+``uint16`` image is written back as ``uint16`` while its values fit (:attr:`Image.meta`).
 """
 
 from __future__ import annotations
@@ -284,11 +284,17 @@ def _nifti_affine(img: Any, name: str) -> np.ndarray:
 
 
 def _nifti_meta(img: Any) -> dict[str, Any]:
-    """What a NIfTI writer keeps of ``img``'s header (:attr:`Image.meta`): the space codes."""
+    """What a NIfTI writer keeps of ``img``'s header (:attr:`Image.meta`): the space codes. A
+    qform whose matrix is not the sform's (SPM: aligned sform, scanner qform) keeps no code of
+    its own: outputs carry the read matrix in both forms, in the sform's space."""
     hdr = img.header
     if not hasattr(hdr, "get_sform"):
         return {}
-    return {"nifti_codes": (int(hdr["sform_code"]), int(hdr["qform_code"]))}
+    sform, scode = hdr.get_sform(coded=True)
+    qform, qcode = hdr.get_qform(coded=True)
+    if scode > 0 and qcode > 0 and not np.allclose(sform, qform, atol=_FORM_TOLERANCE):
+        qcode = scode
+    return {"nifti_codes": (int(scode), int(qcode))}
 
 
 def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid, dict[str, Any]]:
@@ -440,8 +446,8 @@ def read_image(path: str | os.PathLike, *, dtype: torch.dtype | None = None, lab
     stored = arr.dtype.newbyteorder("=")
     image = _finish(arr, grid, name, dtype=dtype, label=label, allow_nan=allow_nan)
     image.meta.update(meta)
-    if stored in _WIDEN and stored != np.bool_ and not image.data.is_floating_point():
-        image.meta["stored_dtype"] = str(stored)  # widened for torch (uint16 → int32): written back so
+    if stored == np.uint16 and dtype is None and image.data.dtype == torch.int32:
+        image.meta["stored_dtype"] = "uint16"  # widened for torch; written back as uint16
     return image
 
 
@@ -476,11 +482,10 @@ def _numpy_for_writing(image: Image, path: Path) -> np.ndarray:
         info = torch.iinfo(torch.int32)
         if data.numel() == 0 or (data.min() >= info.min and data.max() <= info.max):
             data = data.to(torch.int32)  # int64 NIfTI/ITK files are poorly supported elsewhere
-    stored = image.meta.get("stored_dtype")
-    if stored is not None and not data.is_floating_point():
-        info = np.iinfo(stored)  # the type the voxels were read from (uint16 read as int32)
-        if data.numel() == 0 or (int(data.min()) >= info.min and int(data.max()) <= info.max):
-            return data.numpy().astype(stored)
+    if image.meta.get("stored_dtype") == "uint16" and data.dtype == torch.int32:
+        # read from uint16 (and widened): written back so while the values fit
+        if data.numel() == 0 or (int(data.min()) >= 0 and int(data.max()) <= 65535):
+            return data.numpy().astype(np.uint16)
     return data.numpy()
 
 
@@ -505,7 +510,9 @@ def _slice_affine(grid: Grid, meta: dict[str, Any]) -> np.ndarray:
         inplane = [0, 1, 3]
         if (np.allclose(src[:2][:, inplane], affine[:2][:, inplane], atol=1e-4)
                 and np.allclose(src[2, :2], 0.0, atol=1e-6) and np.allclose(src[:2, 2], 0.0, atol=1e-6)):
-            affine[2, 2], affine[2, 3] = src[2, 2], src[2, 3]
+            affine[2, 3] = src[2, 3]
+            if abs(src[2, 2]) > 1e-6:  # (a zero slice axis, allowed in an sform, keeps 1 mm)
+                affine[2, 2] = src[2, 2]
     return affine
 
 
@@ -557,8 +564,9 @@ def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True
     """Write an image; the format follows the file ending.
 
     ``.nii``/``.nii.gz`` are written with nibabel, sform and qform both set to the grid's
-    voxel-to-RAS matrix, with the space codes of ``image.meta["nifti_codes"]`` (those of the file
-    the image, or the reference it was resampled onto, was read from; else 1, scanner), units mm; ``.nii.gz`` is compressed in blocks on
+    voxel-to-RAS matrix, with the space codes of ``image.meta["nifti_codes"]`` (those of the
+    file the image, or the reference it was resampled onto, was read from; else 1, scanner),
+    units mm; a 2D grid keeps the slice position of ``image.meta["nifti_affine"]``; ``.nii.gz`` is compressed in blocks on
     all threads (one gzip member per block, :mod:`medreg.io._gzip`). Single-channel images are
     2D/3D files; multi-channel images are ITK vector images (NIfTI 5D ``(X, Y, Z, 1, C)``, intent "vector";
     a 2D image has ``Z = 1``). ``.mgz``/``.mgh`` go through nibabel (3D only; float64 becomes
