@@ -566,13 +566,14 @@ def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True
     ``.nii``/``.nii.gz`` are written with nibabel, sform and qform both set to the grid's
     voxel-to-RAS matrix, with the space codes of ``image.meta["nifti_codes"]`` (those of the
     file the image, or the reference it was resampled onto, was read from; else 1, scanner),
-    units mm; a 2D grid keeps the slice position of ``image.meta["nifti_affine"]``; ``.nii.gz`` is compressed in blocks on
-    all threads (one gzip member per block, :mod:`medreg.io._gzip`). Single-channel images are
-    2D/3D files; multi-channel images are ITK vector images (NIfTI 5D ``(X, Y, Z, 1, C)``, intent "vector";
-    a 2D image has ``Z = 1``). ``.mgz``/``.mgh`` go through nibabel (3D only; float64 becomes
-    float32), every other ending (``.mha``, ``.mhd``, ``.nrrd``, ...) through SimpleITK with
-    compression. ``int64`` voxels are stored as ``int32`` when they fit, ``bool`` as ``uint8``,
-    half floats as ``float32``.
+    units mm; a 2D grid keeps the slice position of ``image.meta["nifti_affine"]``; ``.nii.gz``
+    is compressed in blocks on all threads (one gzip member per block, :mod:`medreg.io._gzip`).
+    Single-channel images are 2D/3D files; multi-channel images are ITK vector images (NIfTI 5D
+    ``(X, Y, Z, 1, C)``, intent "vector"; a 2D image has ``Z = 1``). ``.mgz``/``.mgh`` go through
+    nibabel (3D only; float64 becomes float32), every other ending (``.mha``, ``.mhd``,
+    ``.nrrd``, ...) through SimpleITK with compression. ``int64`` voxels are stored as ``int32``
+    when they fit, ``bool`` as ``uint8``, half floats as ``float32``; an image read from
+    ``uint16`` is written as ``uint16`` again while its values fit.
 
     Args:
         image: the image (any device; gradients are ignored).
