@@ -27,6 +27,7 @@ use nearest for label maps, or soft to propagate each label linearly (argmax); a
 image with few values gets a note saying so. Integer images keep their type (rounded; a uint16
 image is written back as uint16 while its values fit). The output is in REFERENCE's space
 (its NIfTI sform/qform codes); REFERENCE is read only for its grid (NaN voxels and 4D are fine).
+NaN voxels of INPUT (statistic maps) are carried through, as ITK does.
 """
 
 
@@ -81,7 +82,12 @@ def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill
         raise InputError("--inverse applies to --points only")
     *tpaths, input_path = args
     transform = load_transforms(tpaths)
-    image = read_image(input_path)
+    image = read_image(input_path, allow_nan=True)  # resampling carries NaN through, as ITK
+    nonfinite = int((~torch.isfinite(image.data)).sum()) if image.data.is_floating_point() else 0
+    if nonfinite:
+        click.echo(f"note: {input_path} has {nonfinite} NaN/infinite voxels; they are carried "
+                   "through (an output voxel whose interpolation touches one is NaN, as in ITK)",
+                   err=True)
     ref = read_reference(reference)  # only its grid and header are used
     if transform.ndim != image.ndim or ref.ndim != image.ndim:
         raise GeometryError(
