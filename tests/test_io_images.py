@@ -289,6 +289,13 @@ def test_a_2d_slice_keeps_its_place_along_the_third_axis(tmp_path):
     assert back[2, 3] == 40.0 and back[2, 2] == 1.0
 
 
+def test_a_coronal_2d_slice_is_refused_with_what_to_do(tmp_path):
+    aff = np.array([[-1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # rows → S
+    nib.save(nib.Nifti1Image(np.zeros((6, 5), np.float32), aff), str(tmp_path / "coronal.nii.gz"))
+    with pytest.raises(GeometryError, match="x-y plane.*coronal.*3D image one voxel thick"):
+        read_image(tmp_path / "coronal.nii.gz")
+
+
 def test_an_spm_style_qform_gives_no_second_space(tmp_path):
     """sform (aligned, 2) and qform (scanner, 1) with different matrices: the output holds the
     sform matrix in both forms, so both say the sform's space."""

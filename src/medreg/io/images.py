@@ -128,8 +128,12 @@ def grid_from_nifti_affine(affine: np.ndarray, size: tuple[int, ...] | list[int]
     try:
         return Grid(tuple(size), spacing.tolist(), lps[:ndim, 3].tolist(), direction)
     except GeometryError as exc:
-        extra = " (a 2D image must lie in the x-y plane of the world)" if ndim == 2 else ""
-        raise GeometryError(f"{name}: {exc}{extra}") from None
+        if ndim == 2 and np.any(np.abs(cols[2]) > 1e-3 * spacing):  # not sheared: out of plane
+            raise GeometryError(f"{name}: this 2D slice does not lie in the x-y plane of the world "
+                                "(a coronal, sagittal or tilted slice); medreg's 2D images are "
+                                "axial: save the slice as a 3D image one voxel thick instead"
+                                ) from None
+        raise GeometryError(f"{name}: {exc}") from None
 
 
 def nifti_affine_from_grid(grid: Grid) -> np.ndarray:
