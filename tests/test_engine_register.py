@@ -187,6 +187,15 @@ def test_small_image_settings_are_chosen_by_size_and_validated():
     assert small_disc["feature_factor"] == 2 and small_disc["radius_mm"] == 8
     assert {k: v for k, v in small_disc.items() if k not in ("feature_factor", "radius_mm")} == {
         k: v for k, v in disc.stages[1].discrete.items() if k not in ("feature_factor", "radius_mm")}
+    # an override of a setting small_image also sets applies on small images too, not silently
+    # replaced there; a per-level list for another pyramid keeps small_image's, with a warning
+    assert merge_overrides(fast, stage2_lr=0.3).stages_for((35, 50, 35))[1].lr == 0.3
+    acc = load_preset("accurate")
+    assert acc.stages_for((35, 50, 35))[1].iterations == [50, 45]
+    assert merge_overrides(acc, iterations=7).stages_for((35, 50, 35))[1].iterations == [7, 7]
+    with pytest.warns(UserWarning, match="stage2_iterations: images under small_image_size keep"):
+        kept = merge_overrides(acc, stage2_iterations=[50, 25, 5])
+    assert kept.stages[1].iterations == [50, 25, 5] and kept.stages_for((35, 50, 35))[1].iterations == [50, 45]
     # mistakes show when the config is read, not on the first small image
     with pytest.raises(InputError, match="small_image: unknown key"):
         merge_overrides(fast, stage2_small_image={"lvls": [2, 1]})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -278,9 +279,31 @@ def load_config(path: str | Path) -> RegistrationConfig:
     return config_from_dict(read_yaml(path), str(path))
 
 
+#: Stage settings given per pyramid level (a list of one value per level).
+_PER_LEVEL = ("levels", "iterations", "log_jacobian", "smoothing")
+
+
+def _follow_in_small_image(stage: dict, key: str, value: Any, name: str) -> None:
+    """An override of a stage setting that the stage's ``small_image`` also sets applies to small
+    images too (else it would be silently replaced there). A per-level list for another number
+    of levels than the small-image pyramid's cannot: that one keeps its setting, with a warning."""
+    small = stage.get("small_image")
+    if not isinstance(small, Mapping) or key not in small:
+        return
+    levels = small.get("levels", stage.get("levels"))
+    count = len(levels) if isinstance(levels, (list, tuple)) else 1
+    if key in _PER_LEVEL and isinstance(value, (list, tuple)) and len(value) != count:
+        warnings.warn(f"{name}: images under small_image_size keep the stage's small_image {key} "
+                      f"{small[key]!r} ({count} levels); set the stage's small_image to change "
+                      "it there", stacklevel=3)
+        return
+    stage["small_image"] = {**small, key: value}
+
+
 def merge_overrides(cfg: RegistrationConfig, **overrides: Any) -> RegistrationConfig:
     """Copy of ``cfg`` with global keys replaced, or stage keys as ``stage<i>_<key>`` /
-    ``<key>`` applied to every stage that has it (e.g. ``iterations=10``)."""
+    ``<key>`` applied to every stage that has it (e.g. ``iterations=10``). A stage key that the
+    stage's ``small_image`` settings also set is changed there too (:func:`_follow_in_small_image`)."""
     data = cfg.to_dict()
     stage_keys = {f.name for f in dataclasses.fields(StageConfig)}
     for key, value in overrides.items():
@@ -294,9 +317,13 @@ def merge_overrides(cfg: RegistrationConfig, **overrides: Any) -> RegistrationCo
             if not 0 <= i < len(data["stages"]) or sub not in stage_keys:
                 raise InputError(f"override {key!r}: no stage {i + 1} or key {sub!r}")
             data["stages"][i][sub] = value
+            if sub != "small_image":
+                _follow_in_small_image(data["stages"][i], sub, value, key)
         elif key in stage_keys:
             for s in data["stages"]:
                 s[key] = value
+                if key != "small_image":
+                    _follow_in_small_image(s, key, value, key)
         else:
             raise InputError(f"unknown override {key!r}; valid: {', '.join(sorted(set(data) | stage_keys))}")
     return config_from_dict(data, "overrides")
