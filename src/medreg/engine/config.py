@@ -317,13 +317,11 @@ def merge_overrides(cfg: RegistrationConfig, **overrides: Any) -> RegistrationCo
             if not 0 <= i < len(data["stages"]) or sub not in stage_keys:
                 raise InputError(f"override {key!r}: no stage {i + 1} or key {sub!r}")
             data["stages"][i][sub] = value
-            if sub != "small_image":
-                _follow_in_small_image(data["stages"][i], sub, value, key)
+            _follow_in_small_image(data["stages"][i], sub, value, key)
         elif key in stage_keys:
             for s in data["stages"]:
                 s[key] = value
-                if key != "small_image":
-                    _follow_in_small_image(s, key, value, key)
+                _follow_in_small_image(s, key, value, key)
         else:
             raise InputError(f"unknown override {key!r}; valid: {', '.join(sorted(set(data) | stage_keys))}")
     return config_from_dict(data, "overrides")

@@ -258,16 +258,21 @@ def _check_readable(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- nibabel
-def _nifti_affine(img: Any, name: str) -> np.ndarray:
-    """The RAS voxel-to-world matrix of a nibabel image, in mm (see the module docstring)."""
+def _nifti_affine(img: Any, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The RAS voxel-to-world matrix of a nibabel image, in mm (see the module docstring), and
+    what a NIfTI writer keeps of the header (:attr:`Image.meta`): the space codes. A qform whose
+    matrix is not the sform's (SPM: aligned sform, scanner qform) keeps no code of its own:
+    outputs carry the sform's matrix in both forms, in the sform's space."""
     hdr = img.header
     if not hasattr(hdr, "get_sform"):  # MGH and other nibabel formats: one affine, in mm
-        return np.asarray(img.affine, dtype=np.float64)
+        return np.asarray(img.affine, dtype=np.float64), {}
     sform, scode = hdr.get_sform(coded=True)
     qform, qcode = hdr.get_qform(coded=True)
+    meta = {"nifti_codes": (int(scode), int(qcode))}
     if scode > 0:
         aff = sform
         if qcode > 0 and not np.allclose(sform, qform, atol=_FORM_TOLERANCE):
+            meta["nifti_codes"] = (int(scode), int(scode))
             diff = np.abs(sform - qform).max()
             warnings.warn(f"{name}: sform and qform differ (up to {diff:.3g}); medreg uses the "
                           "sform (as nibabel, FSL); ITK-based tools may use the qform",
@@ -284,21 +289,7 @@ def _nifti_affine(img: Any, name: str) -> np.ndarray:
     unit = hdr.get_xyzt_units()[0]
     if unit in _UNIT_TO_MM:
         aff[:3, :] *= _UNIT_TO_MM[unit]
-    return aff
-
-
-def _nifti_meta(img: Any) -> dict[str, Any]:
-    """What a NIfTI writer keeps of ``img``'s header (:attr:`Image.meta`): the space codes. A
-    qform whose matrix is not the sform's (SPM: aligned sform, scanner qform) keeps no code of
-    its own: outputs carry the read matrix in both forms, in the sform's space."""
-    hdr = img.header
-    if not hasattr(hdr, "get_sform"):
-        return {}
-    sform, scode = hdr.get_sform(coded=True)
-    qform, qcode = hdr.get_qform(coded=True)
-    if scode > 0 and qcode > 0 and not np.allclose(sform, qform, atol=_FORM_TOLERANCE):
-        qcode = scode
-    return {"nifti_codes": (int(scode), int(qcode))}
+    return aff, meta
 
 
 def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid, dict[str, Any]]:
@@ -306,7 +297,7 @@ def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid, d
     try:
         img = nib.load(name, mmap=False)  # a memory map would tie the tensor to the file
         shape = tuple(int(s) for s in img.shape)
-        affine = _nifti_affine(img, name)
+        affine, meta = _nifti_affine(img, name)
         arr = np.asanyarray(img.dataobj)
         if arr.dtype == np.float64 and img.get_data_dtype() != np.float64:
             # integers with scl_slope/scl_inter come back scaled in float64: float32 holds them
@@ -346,7 +337,6 @@ def _read_nibabel(path: Path, allow_channels: bool) -> tuple[np.ndarray, Grid, d
         raise InputError(f"{name}: {len(shape)}D data is not supported; medreg needs 2D or 3D")
     grid = grid_from_nifti_affine(affine, arr.shape[:spatial], name)
     # (x, y[, z], C) → (C, [z,] y, x)
-    meta = _nifti_meta(img)
     if spatial == 2:  # the slice's place along the third axis, which a 2D grid does not hold
         meta["nifti_affine"] = affine
     return np.transpose(arr, tuple(range(spatial, -1, -1))), grid, meta
