@@ -389,6 +389,25 @@ def test_greedy_masks_keep_an_artefact_out(slice2d, symmetric):
     assert unmasked > 1.0, unmasked  # mm
 
 
+def test_a_mask_means_non_zero_voxels_not_weights(slice2d):
+    """A label map given as a mask (values 0, 1, 2, 255) restricts the similarity exactly as its
+    binary version does: no voxel counts twice (the API binarises masks, ``!= 0``)."""
+    g = slice2d.grid
+    moving = warp_image(slice2d, AffineTransform(2, translation=[2.0, -1.5], trainable=False), g)
+    ny, nx = g.shape
+    labels = torch.zeros(g.shape, dtype=torch.int32)
+    labels[ny // 5: 3 * ny // 5, nx // 5: 4 * nx // 5] = 1
+    labels[3 * ny // 5: 4 * ny // 5, nx // 5: 4 * nx // 5] = 2
+    labels[ny // 2 - 5: ny // 2 + 5, nx // 2 - 5: nx // 2 + 5] = 255
+    cfg = {"initialisation": "none", "stages": [{"type": "affine", "levels": [2], "iterations": [15]}]}
+
+    def matrix(mask):
+        return medreg.register(slice2d, moving, config=cfg, fixed_mask=Image(mask[None], g)).transform.matrix()
+
+    assert torch.equal(matrix(labels), matrix((labels != 0).to(torch.int32)))
+    assert not torch.equal(matrix(labels), matrix(torch.ones_like(labels)))  # the mask is used
+
+
 def test_greedy_levels_run_on_the_foreground_box_of_a_padded_image(slice2d):
     # the slice in a wide empty border (as FreeSurfer's 256³ volumes): greedy levels are cropped
     g = slice2d.grid.pad(40)

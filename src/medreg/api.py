@@ -137,7 +137,13 @@ def _load_inputs(fixed, moving, fixed_mask=None, moving_mask=None, fixed_labels=
     _check_companion(mm, moving_i, "moving mask")
     _check_companion(fl, fixed_i, "fixed label map")
     _check_companion(ml, moving_i, "moving label map")
-    return fixed_i, moving_i, fm, mm, fl, ml
+    return fixed_i, moving_i, _binary(fm), _binary(mm), fl, ml
+
+
+def _binary(mask: Image | None) -> Image | None:
+    """A mask as 0/1 (non-zero = use): a label map given as a mask must not weight voxels by
+    their label value."""
+    return None if mask is None else mask.with_data((mask.data != 0).to(torch.uint8))
 
 
 def _set_threads(threads: int | None) -> None:
