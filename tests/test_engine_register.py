@@ -150,6 +150,60 @@ def test_configs_reject_unknown_keys_and_presets_load():
     assert merge_overrides(load_preset("fast"), stage2_lr=0.1).stages[1].lr == 0.1
 
 
+@pytest.mark.parametrize("stage, top, words", [
+    ({"lr": -1}, {}, "lr must be a number > 0"),
+    ({"lr": 0}, {}, "lr must be a number > 0"),
+    ({"lr": "fast"}, {}, "lr must be"),
+    ({"type": "svf", "regularisation": {"diffusion": -1.0}}, {}, "diffusion weight must be"),
+    ({"type": "svf", "regularisation": {"diffusion": {"weight": "high"}}}, {}, "diffusion weight"),
+    ({"type": "greedy", "symmetric": "no"}, {}, "symmetric must be true or false"),
+    ({"iterations": 1.7}, {}, "iterations must be one whole count"),
+    ({"levels": [4, 0.5]}, {}, "levels must be whole shrink factors"),
+    ({"levels": "abc"}, {}, "levels must be whole shrink factors"),
+    ({"type": "bspline", "control_spacing": "10"}, {}, "control_spacing (mm) must be a number > 0"),
+    ({"type": "greedy", "gradient_sigma": "1"}, {}, "gradient_sigma (voxels) must be"),
+    ({"tolerance": "small"}, {}, "tolerance must be"),
+    ({"patience": -3}, {}, "patience must be a whole number >= 1"),
+    ({"type": "svf", "steps": 2.5}, {}, "steps must be a whole number"),
+    ({"similarity": {"name": "nosuch"}}, {}, "unknown loss 'nosuch'"),
+    ({"similarity": {"name": "lncc", "window": "big"}}, {}, "wrong type"),
+    ({"optimizer": "sgd"}, {}, "unknown optimizer"),
+    ({}, {"seed": "abc"}, "seed must be a whole number"),
+    ({}, {"small_image_size": "64"}, "small_image_size (voxels) must be"),
+    ({}, {"crop_to_foreground": "false"}, "crop_to_foreground must be true or false"),
+])
+def test_config_values_of_the_wrong_type_or_sign_are_one_clear_error(tmp_path, stage, top, words):
+    """A wrong sign or a quoted value would run and 'succeed' (``lr: -1`` climbs the loss,
+    ``symmetric: "no"`` is true); a wrong type would end in a traceback mid-run. Each is an
+    ``InputError`` naming the file (and the stage) before any image is read."""
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**top, "stages": [{"type": "affine", **stage}]}))
+    with pytest.raises(InputError) as err:
+        medreg.register("no-such-fixed.nii.gz", "no-such-moving.nii.gz", config=path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and words in msg, msg
+    if stage:
+        assert f"{path}: stage 1" in msg, msg
+
+
+def test_a_level_too_coarse_for_the_image_is_a_warning():
+    g = Grid((20, 24), (1.0, 1.0))  # x, y: data (1, 24, 20)
+    yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(20.0), indexing="ij")
+    fixed = Image(torch.exp(-((yy - 12) ** 2 + (xx - 10) ** 2) / 40)[None], g, "crop")
+    cfg = {"initialisation": "none", "stages": [{"type": "affine", "levels": [8, 1], "iterations": 2}]}
+    with pytest.warns(UserWarning, match=r"stage 1 \(affine\), level 1/8: crop is only \d×\d voxels"):
+        medreg.register(fixed, fixed, config=cfg)
+
+
+def test_a_binary_file_given_as_the_config_is_a_clear_error(tmp_path):
+    path = tmp_path / "image.nii.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))
+    with pytest.raises(InputError, match="not a YAML text file"):
+        medreg.register("f.nii.gz", "m.nii.gz", config=path)
+
+
 def test_config_dict_round_trips_and_survives_a_levels_edit():
     # to_dict writes a setting that is the same on every level as one value, so a user who edits
     # `levels` (in `medreg presets fast` output, or stage1_levels=...) gets a loadable config

@@ -26,10 +26,13 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 
 from medreg.core.errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 STAGE_TYPES = ("translation", "rigid", "similarity", "affine", "bspline", "displacement", "svf",
                "greedy", "discrete")
@@ -42,17 +45,59 @@ OPTIMIZERS = ("adam", "lbfgs")
 _REPEATABLE = ("iterations", "log_jacobian")
 
 
-def _per_level(value, stage: "StageConfig", name: str, what: str) -> list[float]:
+def _is_number(value: Any, whole: bool = False) -> bool:
+    """A finite int/float (not a bool, not a string); ``whole``: with no fractional part."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return not whole or float(value).is_integer()
+
+
+def _check_number(value: Any, name: str, where: str, *, minimum: float = 0.0, above: bool = False,
+                  whole: bool = False) -> None:
+    """An ``InputError`` unless ``value`` is a number ``>= minimum`` (``> minimum`` with ``above``)."""
+    ok = _is_number(value, whole) and (value > minimum if above else value >= minimum)
+    if not ok:
+        kind = "a whole number" if whole else "a number"
+        raise InputError(f"{where}: {name} must be {kind} {'>' if above else '>='} {minimum:g}, "
+                         f"got {value!r}")
+
+
+def _check_bool(value: Any, name: str, where: str) -> None:
+    if not isinstance(value, bool):  # YAML's "no"/"false" in quotes is a (truthy) string
+        raise InputError(f"{where}: {name} must be true or false (unquoted), got {value!r}")
+
+
+def _per_level(value, stage: "StageConfig", name: str, what: str, whole: bool = False) -> list[float]:
     """``value`` as one non-negative number per level of ``stage`` (a single number is repeated)."""
     items = value if isinstance(value, list) else [value] * len(stage.levels)
-    try:
-        out = [float(v) for v in items]
-    except (TypeError, ValueError):
-        out = []
-    if len(out) != len(stage.levels) or any(not v >= 0 for v in out):
+    if (len(items) != len(stage.levels) or any(not _is_number(v, whole) or v < 0 for v in items)):
         raise InputError(f"stage {stage.type}: {name} must be {what} or one per level "
                          f"({len(stage.levels)} levels), got {value}")
-    return out
+    return [float(v) for v in items]
+
+
+def build_similarity(spec: dict) -> "nn.Module":
+    """The similarity module of a stage's ``similarity`` mapping (``{name: ..., **params}``)."""
+    from medreg.losses import create
+
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return create(spec["name"], **params)
+
+
+def build_regularisers(spec: dict) -> list[tuple[float, "nn.Module", str]]:
+    """``(weight, module, name)`` of each non-zero term of a stage's ``regularisation`` mapping."""
+    from medreg.losses import create
+
+    terms = []
+    for name, value in spec.items():
+        if isinstance(value, dict):
+            params = dict(value)
+            weight = float(params.pop("weight", 1.0))
+        else:
+            params, weight = {}, float(value)
+        if weight != 0:
+            terms.append((weight, create(name, **params), name))
+    return terms
 
 
 @dataclass
@@ -121,10 +166,13 @@ class StageConfig:
             raise InputError(f"unknown stage type {self.type!r}; choose one of: {', '.join(STAGE_TYPES)}")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        self.levels = [int(f) for f in (self.levels if isinstance(self.levels, list) else [self.levels])]
-        if not self.levels or any(f < 1 for f in self.levels):
-            raise InputError(f"stage {self.type}: levels must be shrink factors >= 1, got {self.levels}")
-        self.iterations = [int(i) for i in _per_level(self.iterations, self, "iterations", "one count >= 0")]
+        self._check_types()
+        levels = self.levels if isinstance(self.levels, list) else [self.levels]
+        if not levels or any(not _is_number(f, whole=True) or f < 1 for f in levels):
+            raise InputError(f"stage {self.type}: levels must be whole shrink factors >= 1, got {self.levels}")
+        self.levels = [int(f) for f in levels]
+        self.iterations = [int(i) for i in _per_level(self.iterations, self, "iterations",
+                                                      "one whole count >= 0", whole=True)]
         self.log_jacobian = lj = _per_level(self.log_jacobian, self, "log_jacobian", "one step size >= 0")
         if self.type != "greedy" and any(lj):
             raise InputError(f"stage {self.type}: log_jacobian applies to greedy stages; use "
@@ -154,10 +202,39 @@ class StageConfig:
             if (self.lr is not None and self.lr <= 0) or self.gradient_sigma < 0 or self.field_smoothing < 0:
                 raise InputError("stage greedy: lr (voxels per step) must be > 0 and gradient_sigma, "
                                  "field_smoothing (voxels) >= 0")
-        if self.control_spacing <= 0 or self.steps < 0:
-            raise InputError(f"stage {self.type}: control_spacing must be > 0 and steps >= 0")
+        self._check_losses()
         if self.small_image:  # validated now: a bad key must not wait for the first small image
             self.for_small_image()
+
+    def _check_types(self) -> None:
+        """Every number a number in range and every switch a bool (a wrong sign or a quoted value
+        would otherwise run, e.g. ``lr: -1`` climbs the loss and ``symmetric: "no"`` is true)."""
+        where = f"stage {self.type}"
+        if self.lr is not None:
+            _check_number(self.lr, "lr", where, above=True)
+        _check_number(self.control_spacing, "control_spacing (mm)", where, above=True)
+        _check_number(self.steps, "steps", where, whole=True)
+        _check_number(self.gradient_sigma, "gradient_sigma (voxels)", where)
+        _check_number(self.field_smoothing, "field_smoothing (voxels)", where)
+        _check_number(self.tolerance, "tolerance", where)
+        _check_number(self.patience, "patience", where, minimum=1, whole=True)
+        _check_bool(self.symmetric, "symmetric", where)
+        if not isinstance(self.regularisation, Mapping):
+            raise InputError(f"{where}: regularisation must be a mapping {{name: weight}}")
+        for name, value in self.regularisation.items():
+            weight = value.get("weight", 1.0) if isinstance(value, Mapping) else value
+            _check_number(weight, f"regularisation {name} weight", where)
+
+    def _check_losses(self) -> None:
+        where = f"stage {self.type}"
+        try:  # unknown losses and their parameters are found now, not after the images load
+            build_similarity(self.similarity)
+            build_regularisers(self.regularisation)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{where}: a similarity or regularisation parameter has the wrong "
+                             f"type ({exc})") from None
 
     def for_small_image(self) -> "StageConfig":
         """This stage with its :attr:`small_image` settings applied (itself when there are none)."""
@@ -230,8 +307,10 @@ class RegistrationConfig:
                              f"{', '.join(INITIALISATIONS)}")
         if not self.stages:
             raise InputError("a registration config needs at least one stage")
-        if not self.small_image_size >= 0:
-            raise InputError(f"small_image_size must be >= 0 voxels, got {self.small_image_size}")
+        _check_number(self.small_image_size, "small_image_size (voxels)", "config")
+        _check_number(self.seed, "seed", "config", whole=True)
+        self.seed = int(self.seed)
+        _check_bool(self.crop_to_foreground, "crop_to_foreground", "config")
 
     def is_small(self, size: Sequence[int]) -> bool:
         """Whether an image of ``size`` voxels per axis runs the ``small_image`` settings."""
@@ -257,7 +336,13 @@ def _strict(cls, data: Mapping[str, Any], where: str):
     unknown = sorted(set(data) - names)
     if unknown:
         raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except InputError as exc:  # say which file and stage
+        msg = str(exc)
+        raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    except (TypeError, ValueError) as exc:  # a value of a type no check above foresaw
+        raise InputError(f"{where}: a value has the wrong type ({exc})") from None
 
 
 def config_from_dict(data: Mapping[str, Any], where: str = "config") -> RegistrationConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from medreg.core.functional import smooth_voxels
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.engine.adam import Adam
-from medreg.engine.config import RegistrationConfig, StageConfig
+from medreg.engine.config import RegistrationConfig, StageConfig, build_regularisers, build_similarity
 from medreg.engine.initialise import initial_transform
 from medreg.engine.progress import Progress
 from medreg.engine.pyramid import pyramid_level, resample_field
@@ -76,29 +77,6 @@ class RegistrationResult:
             with torch.no_grad():
                 self._displacement = self.transform.displacement(self.fixed.grid).detach().cpu()
         return self._displacement
-
-
-# ------------------------------------------------------------------ loss terms
-def build_similarity(spec: dict) -> nn.Module:
-    from medreg.losses import create
-
-    params = {k: v for k, v in spec.items() if k != "name"}
-    return create(spec["name"], **params)
-
-
-def build_regularisers(spec: dict) -> list[tuple[float, nn.Module, str]]:
-    from medreg.losses import create
-
-    terms = []
-    for name, value in spec.items():
-        if isinstance(value, dict):
-            params = dict(value)
-            weight = float(params.pop("weight", 1.0))
-        else:
-            params, weight = {}, float(value)
-        if weight != 0:
-            terms.append((weight, create(name, **params), name))
-    return terms
 
 
 # ------------------------------------------------------------------ linear stages
@@ -256,6 +234,23 @@ def _optimise(params: list[nn.Parameter], closure: Callable[[], Tensor], stage: 
 
 
 # ------------------------------------------------------------------ the driver
+#: fewer voxels than this along an axis of a pyramid level leave nothing to register there
+MIN_LEVEL_VOXELS = 4
+
+
+def _warn_tiny_levels(stages: list[StageConfig], fixed: Image) -> None:
+    """A warning for each shrink factor that leaves the fixed image under
+    :data:`MIN_LEVEL_VOXELS` along an axis (e.g. ``levels: [64]`` on a 40-voxel crop runs and
+    changes nothing)."""
+    for i, stage in enumerate(stages):
+        if stage.type == "discrete":
+            continue  # its own feature grid (discrete.feature_factor)
+        for f in stage.levels:
+            shrunk = fixed.grid.downsample(f).size
+            if min(shrunk) < MIN_LEVEL_VOXELS:
+                warnings.warn(f"stage {i + 1} ({stage.type}), level 1/{f}: {fixed.name} is only "
+                              f"{'×'.join(map(str, shrunk))} voxels there, too few to register; "
+                              "use smaller shrink factors (levels)", stacklevel=3)
 def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
                      fixed_mask: Image | None = None, moving_mask: Image | None = None,
                      progress: Progress | None = None) -> RegistrationResult:
@@ -270,6 +265,7 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
         if s.is_linear and seen_deformable:
             raise InputError("linear stages must come before deformable stages")
         seen_deformable |= not s.is_linear
+    _warn_tiny_levels(stages, fixed)
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     linear: LinearTransform = initial_transform(fixed, moving, config.initialisation)

@@ -43,7 +43,12 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise InputError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not a YAML text file (binary content; an image given as the "
+                         "config?)") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is not None and not isinstance(data, dict):
