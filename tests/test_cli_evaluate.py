@@ -216,6 +216,16 @@ def test_report_command(pair, tmp_path):
     assert "data:image/png;base64," in html and "0.7" in html
     res = run("report", tmp_path / "nowhere")
     assert res.exit_code == 2 and "not found" in res.output
+    # nothing is replaced silently: an existing report (or any file) needs --overwrite
+    victim = tmp_path / "fixed.nii.gz"
+    before = victim.read_bytes()
+    for args in ((), ("-o", victim)):
+        res = run("report", out, *args)
+        assert res.exit_code == 2 and "exists already; pass --overwrite" in res.output, res.output
+    assert victim.read_bytes() == before
+    res = run("report", out, "-o", tmp_path / "page.png")
+    assert res.exit_code == 2 and "name it .html" in res.output
+    assert run("report", out, "--overwrite").exit_code == 0
 
 
 # ------------------------------------------------------------------------------- real data

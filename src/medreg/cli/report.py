@@ -13,6 +13,7 @@ HELP = """Write OUTDIR/report.html: metrics, settings, versions and figures in o
 
 \b
   medreg report OUTDIR [-o report.html] [--fixed F --moving M [--fixed-labels L --moving-labels L]]
+                [--overwrite]
 
 OUTDIR is a `medreg register`/`predict` output folder: metrics.json and every .png in it
 (qc.png first) go into the page; figures are embedded, so the file opens offline. With
@@ -64,9 +65,11 @@ def _draw_qc(outdir: Path, fixed: str, moving: str | None, fixed_labels: str | N
 @click.option("--moving-labels", type=click.Path(), help="Moving label map for qc.png contours.")
 @click.option("--redraw", is_flag=True, help="Draw qc.png even if OUTDIR has one.")
 @click.option("--title", default=None, help="Page title.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report file.")
 def report_cmd(outdir: str, output: str | None, fixed: str | None, moving: str | None,
                fixed_labels: str | None, moving_labels: str | None, redraw: bool,
-               title: str | None) -> None:
+               title: str | None, overwrite: bool) -> None:
+    from medreg.io.paths import check_output_path, file_suffix
     from medreg.viz import write_report
 
     d = Path(outdir)
@@ -74,8 +77,12 @@ def report_cmd(outdir: str, output: str | None, fixed: str | None, moving: str |
         raise InputError(f"{d}: output folder not found")
     if (moving or fixed_labels or moving_labels or redraw) and not fixed:
         raise InputError("--moving, --fixed-labels, --moving-labels and --redraw need --fixed")
+    target = Path(output) if output else d / "report.html"
+    check_output_path(target, overwrite, how="pass --overwrite")
+    if file_suffix(target) not in (".html", ".htm"):
+        raise InputError(f"{target}: the report is an HTML page; name it .html")
     if fixed and (redraw or not (d / "qc.png").is_file()):
         qc = _draw_qc(d, fixed, moving, fixed_labels, moving_labels)
         click.echo(f"wrote {qc}")
-    path = write_report(d, output, title=title)
+    path = write_report(d, target, title=title)
     click.echo(f"wrote {path}")
