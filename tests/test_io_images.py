@@ -487,3 +487,14 @@ def test_parallel_gzip_writer_edge_sizes(tmp_path, monkeypatch):
             assert f.tell() == len(data)
         raw = (tmp_path / "t.gz").read_bytes()
         assert raw.count(b"\x1f\x8b\x08") == members and gzip.decompress(raw) == data
+
+
+def test_a_failed_write_leaves_no_file_behind(tmp_path, oblique_grid3d):
+    """A format that cannot hold the image is an InputError, and the empty file the writer had
+    opened is removed, so the same command can be run again with another name (or the same)."""
+    img = Image(torch.rand(oblique_grid3d.shape), oblique_grid3d)
+    target = tmp_path / "result.png"  # PNG holds no 3D float image
+    for _ in range(2):  # the second try gets the same message, not "exists already"
+        with pytest.raises(InputError, match="cannot write the image"):
+            write_image(img, target)
+        assert not target.exists()

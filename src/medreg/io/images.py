@@ -581,12 +581,15 @@ def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True
     path = check_output_path(path, overwrite)
     arr = _numpy_for_writing(image, path)
     suffix = file_suffix(path)
+    existed = path.exists()
     try:
         if suffix in NIBABEL_SUFFIXES:
             _write_nibabel(arr, image.grid, path, suffix, image.meta)
         else:
             _write_sitk(arr, image.grid, path)
     except (RuntimeError, OSError, ValueError, ImageFileError) as exc:
+        if not existed:  # no empty or partial file left behind to block the next try
+            path.unlink(missing_ok=True)
         if isinstance(exc, InputError):
             raise
         raise InputError(f"{path}: cannot write the image ({_reason(exc)}); use one of .nii.gz, "
