@@ -80,6 +80,12 @@ def test_bundled_model_names_and_unknown_names(tmp_path):
     torch.save({"weights": torch.zeros(1)}, bad)
     with pytest.raises(InputError, match="not a medreg checkpoint"):
         load_checkpoint(bad)
+    # an image (or any non-pickle) given as the model: our message, not torch's unsafe advice
+    image = tmp_path / "fixed.nii.gz"
+    image.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(200)))
+    with pytest.raises(InputError, match="not a medreg checkpoint; give a .pt file") as err:
+        load_checkpoint(image)
+    assert "weights_only" not in str(err.value)
 
 
 def test_resume_continues_the_step_count_and_the_loss_trajectory(slice_file, tmp_path):

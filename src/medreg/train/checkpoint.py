@@ -183,12 +183,14 @@ def read_checkpoint(path_or_name: str | os.PathLike, device: str | torch.device 
     path = resolve_checkpoint(path_or_name)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
-        raise InputError(f"{path}: not a readable medreg checkpoint "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    except Exception:  # noqa: BLE001 - any unreadable file is bad input
+        # (torch's own text suggests weights_only=False: unsafe advice for a file of unknown origin)
+        raise InputError(f"{path}: not a medreg checkpoint; give a .pt file written by "
+                         f"`medreg train` or a bundled model ({', '.join(bundled_models())})"
                          ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise InputError(f"{path}: not a medreg checkpoint (no '{FORMAT}' marker)")
+        raise InputError(f"{path}: not a medreg checkpoint (no '{FORMAT}' marker); give a .pt "
+                         f"file written by `medreg train` or a bundled model ({', '.join(bundled_models())})")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(f"{path}: written by a newer medreg ({state.get('medreg_version')}); "
                          "upgrade medreg to read it")
