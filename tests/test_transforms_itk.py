@@ -1,11 +1,13 @@
 """Cross-checks against ITK (SimpleITK): warps, points and transform files agree."""
 
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from medreg.core import Grid
+from medreg.core import Grid, InputError
 from medreg.core.functional import gaussian_smooth
 from medreg.io import (from_sitk, l2r_from_transform, read_l2r_displacement, read_transform,
                        set_sitk_geometry, to_sitk, transform_from_l2r, write_l2r_displacement,
@@ -191,3 +193,27 @@ def test_l2r_convention_matches_map_coordinates():
     ref = map_coordinates(moving[0, 0].permute(2, 1, 0).numpy(), ident + np.moveaxis(disp, -1, 0),
                           order=1, mode="nearest")
     assert np.abs(ours - ref).max() < 1e-9
+
+
+def test_unreadable_or_foreign_transform_files_get_one_clear_line(tmp_path, capfd):
+    """A folder, an empty or truncated .h5, an elastix parameter file and a bare 4×4 matrix each
+    get a message saying what the file is (not ITK's list of known IO classes), and the HDF5
+    library's error stack does not reach the terminal."""
+    good = tmp_path / "good.h5"
+    sitk.WriteTransform(sitk.Euler3DTransform((1, 2, 3), 0.1, 0.2, 0.3), str(good))
+    data = good.read_bytes()
+    (tmp_path / "truncated.h5").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.h5").write_bytes(b"")
+    (tmp_path / "folder.tfm").mkdir()
+    (tmp_path / "TransformParameters.0.txt").write_text(
+        '(Transform "BSplineTransform")\n(NumberOfParameters 3)\n(TransformParameters 0 0 0)\n')
+    (tmp_path / "flirt.mat").write_text("1 0 0 2\n0 1 0 3\n0 0 1 4\n0 0 0 1\n")
+    cases = {"truncated.h5": "cannot read as an ITK transform (Could not create Transform IO",
+             "empty.h5": "not an HDF5 file (empty)", "folder.tfm": "is a folder",
+             "TransformParameters.0.txt": "elastix parameter file is not supported",
+             "flirt.mat": "plain 4×4 matrix (e.g. FSL FLIRT) is not supported"}
+    for name, words in cases.items():
+        with pytest.raises(InputError, match=re.escape(words)):
+            read_transform(tmp_path / name)
+    assert "HDF5-DIAG" not in capfd.readouterr().err
+    assert read_transform(good) is not None  # a good file still reads

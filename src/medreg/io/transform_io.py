@@ -20,6 +20,7 @@ voxel offsets on the fixed grid in array-axis order ``(i, j, k)`` (scipy's ``map
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 import numpy as np
@@ -204,16 +205,72 @@ def read_transform(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: transform file not found")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder; give a transform file")
     suffix = file_suffix(p)
     if suffix in FIELD_SUFFIXES:
         return read_displacement(p, dtype)
+    _refuse_foreign_transform(p, suffix)
     try:
-        tx = sitk.ReadTransform(str(p))
+        with _quiet_c_stderr(suffix in (".h5", ".hdf5")):  # HDF5 prints its error stack itself
+            tx = sitk.ReadTransform(str(p))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(f"{p}: cannot read as an ITK transform ({first}); expected .tfm, .txt, "
-                         ".mat, .h5 or a displacement field image") from None
+        raise InputError(f"{p}: cannot read as an ITK transform ({_itk_reason(exc)}); expected "
+                         ".tfm, .txt, .mat, .h5 or a displacement field image") from None
     return from_sitk(tx, dtype)
+
+
+@contextlib.contextmanager
+def _quiet_c_stderr(active: bool = True):
+    """Silence what C libraries write to file descriptor 2 meanwhile (the HDF5 library prints a
+    26-line error stack for a truncated file before ITK raises its own error)."""
+    if not active:
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _refuse_foreign_transform(p: Path, suffix: str) -> None:
+    """Clear errors for files ITK would misread or report cryptically: a corrupt/empty HDF5,
+    an elastix parameter file, a plain 4×4 matrix (FSL FLIRT and the like)."""
+    with open(p, "rb") as fh:
+        head = fh.read(4096)
+    if suffix in (".h5", ".hdf5"):
+        if not head.startswith(_HDF5_SIGNATURE):
+            raise InputError(f"{p}: not an HDF5 file ({'empty' if not head else 'corrupt or another format'}); "
+                             "an ITK .h5 transform starts with the HDF5 signature")
+        return
+    if b"(Transform " in head or b"(TransformParameters " in head:
+        raise InputError(f"{p}: an elastix parameter file is not supported; export the transform "
+                         "with transformix (-def all) as a displacement field and give that")
+    try:
+        rows = [[float(v) for v in line.split()] for line in head.decode().splitlines() if line.strip()]
+    except (UnicodeDecodeError, ValueError):
+        return
+    if len(rows) in (3, 4) and all(len(r) == len(rows) for r in rows):
+        raise InputError(f"{p}: a plain {len(rows)}×{len(rows)} matrix (e.g. FSL FLIRT) is not "
+                         "supported: its coordinate convention is not in the file; convert it to "
+                         "ITK (e.g. c3d_affine_tool -ref F -src M FILE -fsl2ras -oitk out.txt)")
+
+
+def _itk_reason(exc: BaseException) -> str:
+    """The first line of ITK's error text after ``ITK ERROR: Class(0x...):``."""
+    for line in str(exc).splitlines():
+        if "ITK ERROR:" in line:
+            text = line.split("ITK ERROR:", 1)[1].strip()
+            return text.split("): ", 1)[1] if "): " in text else text
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def read_displacement(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> DisplacementField:
