@@ -166,3 +166,6 @@ def test_bad_inputs_give_one_line(tiny):
     (tmp / "exists.nii.gz").write_bytes(b"")
     _one_line_error(run("apply", tmp / "t3.tfm", tmp / "tiny.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "exists.nii.gz"),
                     "--overwrite")
+    # the image and the transform swapped: say that the order is wrong
+    _one_line_error(run("apply", tmp / "tiny.nii.gz", tmp / "t3.tfm", "-r", tmp / "tiny.nii.gz", "-o", tmp / "o.nii.gz"),
+                    "tiny.nii.gz", "the transforms come first and the image to resample last")

@@ -178,6 +178,11 @@ def test_bad_inputs(pair, tmp_path):
     assert res.exit_code == 2 and "--threads" in res.output and "Traceback" not in res.output
     (tmp_path / "bad.yaml").write_text("stages:\n  - type: affine\n    iteratons: 3\n")
     _one_line(run("register", f, m, "-o", tmp_path / "o7", "--config", tmp_path / "bad.yaml"), "iteratons")
+    # fixed labels alone would be ignored; an OUTDIR named like a file is a mistake (ANTs' prefix)
+    _one_line(run("register", f, m, "-o", tmp_path / "o10", "--config", cfg, "--fixed-labels", pair / "fixed_lab.nii.gz"),
+              "--fixed-labels needs --moving-labels")
+    _one_line(run("register", f, m, "-o", tmp_path / "result.nii.gz", "--config", cfg), "looks like a file name")
+    assert not (tmp_path / "result.nii.gz").exists()
 
 
 def test_overwrite_removes_the_earlier_runs_outputs(pair, tmp_path):

@@ -380,6 +380,10 @@ def test_vector_mha_without_allow_channels(tmp_path):
     sitk.WriteImage(img, str(tmp_path / "rgb.mha"))
     with pytest.raises(InputError, match="rgb.mha.*several components"):
         read_image(tmp_path / "rgb.mha")
+    colour = sitk.GetImageFromArray(np.zeros((5, 6, 3), np.uint8), isVector=True)  # an RGB picture
+    sitk.WriteImage(colour, str(tmp_path / "photo.png"))
+    with pytest.raises(InputError, match=r"photo.png: a colour \(RGB\) image; .*greyscale"):
+        read_image(tmp_path / "photo.png")
 
 
 def test_image_info_reports_geometry_and_range(oblique_grid2d):
@@ -438,7 +442,7 @@ def test_real_mha_and_2d_mha(shared_data):
 
 
 @pytest.mark.data
-def test_real_dicom_file_and_series_folder(shared_data, tmp_path):
+def test_real_dicom_file_and_series_folder(shared_data, tmp_path, capfd):
     src = shared_data / "pydicom-ct-mr-small"
     single = read_image(src / "CT_small.dcm")
     assert single.grid.size == (128, 128, 1)
@@ -451,7 +455,7 @@ def test_real_dicom_file_and_series_folder(shared_data, tmp_path):
     shutil.copy(src / "CT_small.dcm", folder / "slice1.dcm")
     series = read_image(folder)
     assert series.grid.allclose(single.grid) and torch.equal(series.data, single.data)
-    with pytest.raises(InputError, match="2 DICOM series"):
+    with pytest.raises(InputError, match="2 DICOM series .*put each series in its own folder"):
         read_image(src)  # the CT and the MR slice are two series
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(src))
     sizes = {read_image(src, series_id=i).grid.size for i in ids}
@@ -462,6 +466,7 @@ def test_real_dicom_file_and_series_folder(shared_data, tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no DICOM series"):
         read_image(empty)
+    assert "No Series were found" not in capfd.readouterr().err  # ITK's own warning stays quiet
 
 
 def test_overwriting_the_file_just_read(tmp_path, oblique_grid3d):

@@ -37,7 +37,16 @@ def load_transforms(paths: list[str]) -> SpatialTransform:
 
     if not paths:
         raise InputError("no TRANSFORM given")
-    transforms = [read_transform(p, dtype=torch.float64) for p in paths]
+    transforms = []
+    for p in paths:
+        try:
+            transforms.append(read_transform(p, dtype=torch.float64))
+        except InputError as exc:
+            if "components per voxel, found 1" not in str(exc):
+                raise
+            raise InputError(f"{exc}: it looks like an image, given where a TRANSFORM goes; the "
+                             "transforms come first and the image to resample last "
+                             "(medreg apply TRANSFORM... INPUT -r REFERENCE -o OUTPUT)") from None
     ndims = {t.ndim for t in transforms}
     if len(ndims) > 1:
         raise GeometryError("transforms of different dimensions: " + ", ".join(

@@ -7,6 +7,7 @@ import sys
 import click
 
 from medreg.cli import main
+from medreg.core.errors import InputError
 
 
 @main.command("register")
@@ -35,6 +36,9 @@ def register_cmd(fixed, moving, outdir, preset, config_path, fixed_mask, moving_
     from medreg.api import check_outdir, register, save_result
     from medreg.engine import Progress
 
+    if fixed_labels and not moving_labels:
+        raise InputError("--fixed-labels needs --moving-labels: Dice compares the fixed labels with "
+                         "the moving labels carried through the transform")
     out = check_outdir(outdir, overwrite)  # before the registration, not after it
     progress = Progress(quiet=quiet, stream=sys.stderr)
     result = register(fixed, moving, preset, config=config_path, fixed_mask=fixed_mask,

@@ -55,7 +55,7 @@ from medreg.core.enums import Frame
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.io._gzip import ParallelGzipWriter
-from medreg.io.paths import check_output_path, file_suffix
+from medreg.io.paths import check_output_path, file_suffix, quiet_c_stderr
 
 __all__ = [
     "read_image",
@@ -348,15 +348,17 @@ def _read_sitk_image(path: Path, series_id: str | None) -> sitk.Image:
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            ids = reader.GetGDCMSeriesIDs(name)
+            with quiet_c_stderr():  # ITK warns "No Series were found" on its own
+                ids = reader.GetGDCMSeriesIDs(name)
             if not ids:
                 raise InputError(f"{name}: a folder, but no DICOM series was found in it; give "
                                  "an image file or a folder of DICOM slices")
             if series_id is None:
                 if len(ids) > 1:
                     raise InputError(f"{name}: the folder holds {len(ids)} DICOM series "
-                                     f"({', '.join(ids)}); choose one with series_id= "
-                                     "(medreg info: --series)")
+                                     f"({', '.join(ids)}); put each series in its own folder (`medreg info "
+                                     "FOLDER --series UID` shows one; from Python: read_image(..., "
+                                     "series_id=UID))")
                 series_id = ids[0]
             elif series_id not in ids:
                 raise InputError(f"{name}: no DICOM series {series_id!r}; the folder holds "
@@ -375,6 +377,10 @@ def _read_sitk(path: Path, allow_channels: bool, series_id: str | None
     img = _read_sitk_image(path, series_id)
     dim = img.GetDimension()
     comps = img.GetNumberOfComponentsPerPixel()
+    if comps in (3, 4) and not allow_channels and img.GetPixelID() == sitk.sitkVectorUInt8:
+        raise InputError(f"{name}: a colour ({'RGBA' if comps == 4 else 'RGB'}) image; medreg "
+                         "registers greyscale images: convert it to greyscale or keep one channel "
+                         "(e.g. SimpleITK: sitk.VectorIndexSelectionCast(image, 0))")
     if comps > 1 and not allow_channels:
         raise _channels_error(name, comps, "the voxels have several components")
     arr = sitk.GetArrayViewFromImage(img)  # (z, y, x[, C]) or (t, z, y, x[, C])

@@ -1,8 +1,10 @@
 """File-name helpers shared by every reader and writer (and the CLI's output checks), and the
-one YAML reader of config files."""
+one YAML reader of config files; :func:`quiet_c_stderr` keeps C libraries' own error printing
+(HDF5, ITK's output window) off the terminal while a reader raises its own one-line error."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -54,3 +56,23 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if data is not None and not isinstance(data, dict):
         raise InputError(f"{p}: a config file must hold a mapping (key: value), not {type(data).__name__}")
     return data or {}
+
+
+@contextlib.contextmanager
+def quiet_c_stderr(active: bool = True):
+    """Silence what C libraries write to file descriptor 2 meanwhile (the HDF5 library prints a
+    26-line error stack for a truncated file before ITK raises its own error)."""
+    try:
+        saved = os.dup(2) if active else None
+    except OSError:  # no standard error to silence
+        saved = None
+    if saved is None:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -20,7 +20,6 @@ voxel offsets on the fixed grid in array-axis order ``(i, j, k)`` (scipy's ``map
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 import numpy as np
@@ -31,7 +30,7 @@ from medreg.core.errors import GeometryError, InputError
 from medreg.core.grid import Grid
 from medreg.core.image import Image
 from medreg.io.images import grid_from_sitk, nifti_affine_from_grid, set_sitk_geometry, write_image
-from medreg.io.paths import check_output_path, file_suffix
+from medreg.io.paths import check_output_path, file_suffix, quiet_c_stderr
 from medreg.transforms import (AffineTransform, BSplineTransform, Compose, DisplacementField,
                                LinearTransform, SpatialTransform, StationaryVelocityField,
                                collapse_linear)
@@ -212,29 +211,12 @@ def read_transform(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
         return read_displacement(p, dtype)
     _refuse_foreign_transform(p, suffix)
     try:
-        with _quiet_c_stderr(suffix in (".h5", ".hdf5")):  # HDF5 prints its error stack itself
+        with quiet_c_stderr(suffix in (".h5", ".hdf5")):  # HDF5 prints its error stack itself
             tx = sitk.ReadTransform(str(p))
     except RuntimeError as exc:
         raise InputError(f"{p}: cannot read as an ITK transform ({_itk_reason(exc)}); expected "
                          ".tfm, .txt, .mat, .h5 or a displacement field image") from None
     return from_sitk(tx, dtype)
-
-
-@contextlib.contextmanager
-def _quiet_c_stderr(active: bool = True):
-    """Silence what C libraries write to file descriptor 2 meanwhile (the HDF5 library prints a
-    26-line error stack for a truncated file before ITK raises its own error)."""
-    if not active:
-        yield
-        return
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
