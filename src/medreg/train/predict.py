@@ -15,6 +15,7 @@ compositional LNCC updates (default) or Adam steps on the model's own training l
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -227,6 +228,23 @@ def _another_pass(net: torch.nn.Module, kwargs: dict[str, Any], f: torch.Tensor,
     return grid.transform_vectors(total, "world", "index", channel_dim=1)
 
 
+#: a fixed field of view more than this many times the network grid's along an axis is a warning
+FOV_RATIO_WARN = 2.0
+
+
+def _warn_field_of_view(fixed: Image, grid: Any) -> None:
+    """Warn when the model's grid sees only a small part of the fixed image (a crop model given
+    a whole brain, or spacing in the wrong unit): the field outside it is the border's."""
+    seen = [n * s for n, s in zip(grid.size, grid.spacing)]
+    have = [n * s for n, s in zip(fixed.grid.size, fixed.grid.spacing)]
+    if max(h / max(v, 1e-9) for h, v in zip(have, seen)) > FOV_RATIO_WARN:
+        mm = lambda e: "×".join(f"{x:.0f}" for x in e)  # noqa: E731
+        warnings.warn(f"{fixed.name}: the model sees {mm(seen)} mm around the image centre, but "
+                      f"the image spans {mm(have)} mm: it was made for images of about its own "
+                      "size (check the model and the image spacing); most of the image gets "
+                      "no deformation of its own", stacklevel=3)
+
+
 def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Image, *,
                  initialisation: str = "geometry", instance_steps: int = 0,
                  instance: dict[str, Any] | None = None, regularisation: float | None = None,
@@ -271,6 +289,7 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
     times["initialisation_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     grid = network_grid(fixed.grid, preprocess)
+    _warn_field_of_view(fixed, grid)
     param = next(net.parameters(), None)
     dev = param.device if param is not None else fixed.data.device
     f, info = prepare_image(fixed, grid, preprocess)
