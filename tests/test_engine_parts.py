@@ -122,8 +122,8 @@ def test_greedy_stage_rejects_settings_it_would_ignore():
     base = {"type": "greedy", "levels": [2], "iterations": 5}
     for extra, match in (({"regularisation": {"diffusion": 1.0}}, "smoothing"),
                          ({"optimizer": "lbfgs"}, "optimizer"),
-                         ({"lr": 0.0}, "must be > 0"),
-                         ({"field_smoothing": -1.0}, "must be > 0")):
+                         ({"lr": 0.0}, r"stage 1 \(greedy\): lr must be a number > 0"),
+                         ({"field_smoothing": -1.0}, r"field_smoothing \(voxels\) must be a number >= 0")):
         with pytest.raises(InputError, match=match):
             config_from_dict({"stages": [{**base, **extra}]})
 

@@ -338,9 +338,15 @@ def _strict(cls, data: Mapping[str, Any], where: str):
         raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
     try:
         return cls(**data)
-    except InputError as exc:  # say which file and stage
+    except InputError as exc:  # say which file and stage: "FILE: stage 2 (greedy): lr must be ..."
         msg = str(exc)
-        raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        kind = data.get("type")
+        own = f"stage {kind}: "
+        if msg.startswith(where):
+            raise
+        if cls is StageConfig and isinstance(kind, str) and msg.startswith(own):
+            raise InputError(f"{where} ({kind}): {msg[len(own):]}") from None
+        raise InputError(f"{where}: {msg}") from None
     except (TypeError, ValueError) as exc:  # a value of a type no check above foresaw
         raise InputError(f"{where}: a value has the wrong type ({exc})") from None
 
