@@ -84,6 +84,25 @@ def test_apply_keeps_a_uint16_label_maps_type(tiny):
     assert out.get_data_dtype() == np.uint16 and set(np.unique(np.asanyarray(out.dataobj))) <= {0, 30000, 60000}
 
 
+def test_soft_interpolation_takes_a_label_map_stored_as_float(tiny):
+    """``-n soft`` accepts what ``register --moving-labels`` accepts: a label map written as
+    float with whole values (as many tools save them) gives the same labels as the integer file."""
+    tmp, g, _ = tiny
+    labels = torch.randint(0, 4, g.shape, generator=torch.Generator().manual_seed(3))
+    write_image(Image(labels.to(torch.int16), g), tmp / "int.nii.gz")
+    write_image(Image(labels.to(torch.float32), g), tmp / "float.nii.gz")
+    write_transform(TranslationTransform(3, translation=[1.5, -0.5, 0.0], dtype=torch.float64), tmp / "t.tfm")
+    for name in ("int", "float"):
+        res = run("apply", tmp / "t.tfm", tmp / f"{name}.nii.gz", "-r", tmp / "tiny.nii.gz",
+                  "-o", tmp / f"w_{name}.nii.gz", "-n", "soft")
+        assert res.exit_code == 0, res.output
+    a, b = read_image(tmp / "w_int.nii.gz"), read_image(tmp / "w_float.nii.gz")
+    assert torch.equal(a.data.long(), b.data.long()) and len(torch.unique(a.data)) > 2
+    write_image(Image(labels.to(torch.float32) + 0.5, g), tmp / "half.nii.gz")
+    res = run("apply", tmp / "t.tfm", tmp / "half.nii.gz", "-r", tmp / "tiny.nii.gz", "-o", tmp / "w_half.nii.gz", "-n", "soft")
+    assert res.exit_code == 2 and "half.nii.gz" in res.output
+
+
 def test_apply_takes_only_the_grid_of_the_reference(tiny):
     """A reference with NaN voxels or several volumes (an fMRI run) gives its grid, as
     antsApplyTransforms -r does; the image that is resampled is still checked."""
@@ -169,3 +188,8 @@ def test_bad_inputs_give_one_line(tiny):
     # the image and the transform swapped: say that the order is wrong
     _one_line_error(run("apply", tmp / "tiny.nii.gz", tmp / "t3.tfm", "-r", tmp / "tiny.nii.gz", "-o", tmp / "o.nii.gz"),
                     "tiny.nii.gz", "the transforms come first and the image to resample last")
+    # a landmark file without landmarks: as evaluate says, not an empty output
+    (tmp / "none.csv").write_text("x,y,z\n")
+    _one_line_error(run("apply", tmp / "t3.tfm", "--points", tmp / "none.csv", "-o", tmp / "mapped.csv"),
+                    "none.csv", "no landmarks")
+    assert not (tmp / "mapped.csv").exists()

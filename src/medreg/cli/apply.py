@@ -73,6 +73,8 @@ def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill
     if points_path is not None:
         transform = load_transforms(list(args))
         pts = read_landmarks(points_path).to(torch.float64)
+        if pts.shape[0] == 0:
+            raise InputError(f"{points_path}: no landmarks in the file")
         if pts.shape[-1] != transform.ndim:
             raise GeometryError(f"{points_path}: {pts.shape[-1]}D points cannot go through a "
                                 f"{transform.ndim}D transform")
@@ -91,7 +93,10 @@ def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill
         raise InputError("--inverse applies to --points only")
     *tpaths, input_path = args
     transform = load_transforms(tpaths)
-    image = read_image(input_path, allow_nan=True)  # resampling carries NaN through, as ITK
+    if interpolation == "soft":  # a label map, also one stored as float with whole values
+        image = read_image(input_path, label=True)
+    else:
+        image = read_image(input_path, allow_nan=True)  # resampling carries NaN through, as ITK
     nonfinite = int((~torch.isfinite(image.data)).sum()) if image.data.is_floating_point() else 0
     if nonfinite:
         click.echo(f"note: {input_path} has {nonfinite} NaN/infinite voxels; they are carried "
@@ -108,8 +113,6 @@ def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill
                    "use --interpolation nearest or soft", err=True)
     with torch.no_grad():
         if mode == "soft":
-            if not image.is_label:
-                raise InputError(f"{input_path}: --interpolation soft is for integer label maps")
             warped = warp_labels(image, transform, ref.grid, mode="soft")
         else:
             warped = warp_image(image, transform, ref.grid, interpolation=mode, fill=fill)
