@@ -199,9 +199,6 @@ class StageConfig:
                                  "(update) and field_smoothing (total field) instead of regularisation")
             if self.optimizer != "adam":
                 raise InputError("stage greedy: takes normalised gradient steps; remove 'optimizer'")
-            if (self.lr is not None and self.lr <= 0) or self.gradient_sigma < 0 or self.field_smoothing < 0:
-                raise InputError("stage greedy: lr (voxels per step) must be > 0 and gradient_sigma, "
-                                 "field_smoothing (voxels) >= 0")
         self._check_losses()
         if self.small_image:  # validated now: a bad key must not wait for the first small image
             self.for_small_image()

@@ -251,6 +251,8 @@ def _warn_tiny_levels(stages: list[StageConfig], fixed: Image) -> None:
                 warnings.warn(f"stage {i + 1} ({stage.type}), level 1/{f}: {fixed.name} is only "
                               f"{'×'.join(map(str, shrunk))} voxels there, too few to register; "
                               "use smaller shrink factors (levels)", stacklevel=3)
+
+
 def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
                      fixed_mask: Image | None = None, moving_mask: Image | None = None,
                      progress: Progress | None = None) -> RegistrationResult:
