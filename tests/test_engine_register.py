@@ -197,6 +197,37 @@ def test_a_level_too_coarse_for_the_image_is_a_warning():
         medreg.register(fixed, fixed, config=cfg)
 
 
+def test_config_numbers_from_numpy_torch_and_yaml_are_accepted_as_plain_numbers(tmp_path):
+    """What the checks must not reject: numpy and 0-d torch numbers (from Python), YAML's
+    ``1e-3`` (text to PyYAML's YAML 1.1), whole floats where a count is due; they are stored as
+    plain ``int``/``float``/``bool`` and run."""
+    cfg = merge_overrides(load_preset("fast"), iterations=np.int64(3), stage2_lr=np.float32(0.2),
+                          seed=torch.tensor(5), crop_to_foreground=np.bool_(False),
+                          stage1_levels=[np.int64(4)])
+    assert cfg.stages[1].iterations == [3, 3] and type(cfg.stages[1].iterations[0]) is int
+    assert type(cfg.stages[1].lr) is float and abs(cfg.stages[1].lr - 0.2) < 1e-6
+    assert cfg.seed == 5 and type(cfg.seed) is int and cfg.crop_to_foreground is False
+    path = tmp_path / "sci.yaml"
+    path.write_text("seed: -1\nstages:\n  - {type: affine, levels: [2.0], iterations: 2.0, lr: 1e-1, "
+                    "patience: 2.0, tolerance: 1e-6}\n  - {type: svf, levels: [2], iterations: 2, "
+                    "steps: 3.0, regularisation: {bending: 1e-3}}\n")
+    from medreg.engine import load_config
+
+    loaded = load_config(path)
+    affine, svf = loaded.stages
+    assert affine.lr == 0.1 and affine.tolerance == 1e-6 and affine.patience == 2 and svf.steps == 3
+    assert type(affine.patience) is int and type(svf.steps) is int and loaded.seed == -1
+    g = Grid((24, 24), (1.0, 1.0))
+    yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    img = Image(torch.exp(-((yy - 12) ** 2 + (xx - 11) ** 2) / 30)[None], g)
+    medreg.register(img, img, config=path)  # runs (whole floats used to fail mid-run)
+    for text, words in (("stages:\n  - {levels: [2]}\n", "a stage needs a type"),
+                        ("seed: 100000000000000000000000\nstages:\n  - {type: affine}\n", "seed must be below")):
+        path.write_text(text)
+        with pytest.raises(InputError, match=words):
+            load_config(path)
+
+
 def test_a_binary_file_given_as_the_config_is_a_clear_error(tmp_path):
     path = tmp_path / "image.nii.gz"
     path.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))

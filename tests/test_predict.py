@@ -329,6 +329,22 @@ def test_bundled_hippocampus_model_sees_crops_the_same_way_up(shared_data):
     assert torch.equal(flipped.warped_labels.data.flip(-1), stored.warped_labels.data)
 
 
+def test_the_field_of_view_warning_measures_along_the_models_axes():
+    """A 30×100×30 mm crop (R, A, S) stored with its first index axis along A: the RAS model grid
+    (40×56×40 mm) sees 100/56 < 2 of it along A, so no warning, whatever the storage order."""
+    import warnings
+
+    from medreg.train.predict import _warn_field_of_view
+
+    prep = load_checkpoint("hippocampus").preprocess
+    ars = np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # i → A, j → R (LPS world)
+    for size, direction in (((30, 100, 30), np.diag([-1.0, -1.0, 1.0])), ((100, 30, 30), ars)):
+        fixed = Image(torch.zeros(size[::-1]), Grid(size, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), direction), "crop")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _warn_field_of_view(fixed, network_grid(fixed.grid, prep))
+
+
 def test_a_model_given_an_image_far_larger_than_its_grid_warns():
     """The hippocampus crop model on a whole brain sees 40×56×40 mm of it: a warning says so."""
     with pytest.warns(UserWarning, match=r"the model sees 40×56×40 mm .* but the image spans 182×218×182 mm"):

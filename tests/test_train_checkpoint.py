@@ -88,6 +88,16 @@ def test_bundled_model_names_and_unknown_names(tmp_path):
     assert "weights_only" not in str(err.value)
 
 
+def test_a_checkpoint_that_fails_to_load_for_another_reason_says_why(monkeypatch):
+    def no_cuda(*args, **kwargs):
+        raise RuntimeError("Attempting to deserialize object on a CUDA device but "
+                           "torch.cuda.is_available() is False.")
+
+    monkeypatch.setattr(torch, "load", no_cuda)
+    with pytest.raises(InputError, match="cannot load the checkpoint .*CUDA device"):
+        load_checkpoint("hippocampus")
+
+
 def test_resume_continues_the_step_count_and_the_loss_trajectory(slice_file, tmp_path):
     full = train(config_from_dict(tiny(slice_file, tmp_path / "full")), quiet=True)
     assert full.step == 10 and [r["step"] for r in full.history] == list(range(1, 11))

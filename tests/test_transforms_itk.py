@@ -217,3 +217,7 @@ def test_unreadable_or_foreign_transform_files_get_one_clear_line(tmp_path, capf
             read_transform(tmp_path / name)
     assert "HDF5-DIAG" not in capfd.readouterr().err
     assert read_transform(good) is not None  # a good file still reads
+    # HDF5 allows a user block before the signature (512, 1024, ... bytes): ITK reads it, so do we
+    (tmp_path / "userblock.h5").write_bytes(bytes(512) + data)
+    assert np.allclose(read_transform(tmp_path / "userblock.h5").matrix().numpy(),
+                       read_transform(good).matrix().numpy())

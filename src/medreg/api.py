@@ -62,6 +62,8 @@ def _check_companion(extra: Image | None, base: Image, what: str) -> None:
     if not extra.grid.allclose(base.grid, atol=1e-3):
         raise InputError(f"{extra.name}: the {what} is not on the grid of {base.name} "
                          f"({extra.grid} vs {base.grid}); resample it onto its image first")
+    if "mask" in what and extra.data.is_floating_point() and not bool(torch.isfinite(extra.data).all()):
+        raise InputError(f"{extra.name}: the {what} has NaN or infinite voxels")
     if "mask" in what and not bool((extra.data != 0).any()):
         raise InputError(f"{extra.name}: the {what} is empty (no non-zero voxel)")
 
@@ -94,7 +96,8 @@ def register(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike
         fixed, moving: images or paths; they may differ in size, spacing and orientation.
         preset: name of a shipped preset (``medreg presets``); ignored when ``config`` is given.
         config: a :class:`RegistrationConfig`, a mapping or a YAML file (preset format).
-        fixed_mask, moving_mask: restrict the similarity to non-zero voxels.
+        fixed_mask, moving_mask: restrict the similarity to non-zero voxels (binarised: a label
+            map or a probability map counts wherever it is not 0).
         fixed_labels, moving_labels: label maps on their images' grids; with both, Dice before
             and after is reported (the labels are not used by the optimisation).
         device: ``cpu`` or ``cuda`` (default: cpu).

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,31 +46,55 @@ OPTIMIZERS = ("adam", "lbfgs")
 _REPEATABLE = ("iterations", "log_jacobian")
 
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar or a one-element tensor as the Python number it holds (else ``value``)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0 or type(value).__module__ == "numpy":
+        try:
+            return value.item()
+        except (AttributeError, ValueError):
+            return value
+    return value
+
+
 def _is_number(value: Any, whole: bool = False) -> bool:
-    """A finite int/float (not a bool, not a string); ``whole``: with no fractional part."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite real number (Python, numpy or a 0-d tensor; not a bool, not a string); ``whole``:
+    with no fractional part."""
+    value = _plain(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
-    return not whole or float(value).is_integer()
+    try:
+        if not math.isfinite(value):
+            return False
+        return not whole or float(value).is_integer()
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
-def _check_number(value: Any, name: str, where: str, *, minimum: float = 0.0, above: bool = False,
-                  whole: bool = False) -> None:
-    """An ``InputError`` unless ``value`` is a number ``>= minimum`` (``> minimum`` with ``above``)."""
+def _checked_number(value: Any, name: str, where: str, *, minimum: float = 0.0, above: bool = False,
+                    whole: bool = False) -> float | int:
+    """``value`` as a plain ``int`` (``whole``) or ``float``; an ``InputError`` unless it is a
+    number ``>= minimum`` (``> minimum`` with ``above``)."""
+    value = _plain(value)
     ok = _is_number(value, whole) and (value > minimum if above else value >= minimum)
     if not ok:
         kind = "a whole number" if whole else "a number"
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and "e" in value.lower() else ""
         raise InputError(f"{where}: {name} must be {kind} {'>' if above else '>='} {minimum:g}, "
-                         f"got {value!r}")
+                         f"got {value!r}{hint}")
+    return int(value) if whole else float(value)
 
 
-def _check_bool(value: Any, name: str, where: str) -> None:
+def _checked_bool(value: Any, name: str, where: str) -> bool:
+    value = _plain(value)
     if not isinstance(value, bool):  # YAML's "no"/"false" in quotes is a (truthy) string
         raise InputError(f"{where}: {name} must be true or false (unquoted), got {value!r}")
+    return value
 
 
 def _per_level(value, stage: "StageConfig", name: str, what: str, whole: bool = False) -> list[float]:
     """``value`` as one non-negative number per level of ``stage`` (a single number is repeated)."""
-    items = value if isinstance(value, list) else [value] * len(stage.levels)
+    items = value if isinstance(value, (list, tuple)) else [value] * len(stage.levels)
+    items = [_plain(v) for v in items]
     if (len(items) != len(stage.levels) or any(not _is_number(v, whole) or v < 0 for v in items)):
         raise InputError(f"stage {stage.type}: {name} must be {what} or one per level "
                          f"({len(stage.levels)} levels), got {value}")
@@ -167,7 +192,7 @@ class StageConfig:
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         self._check_types()
-        levels = self.levels if isinstance(self.levels, list) else [self.levels]
+        levels = [_plain(f) for f in (self.levels if isinstance(self.levels, (list, tuple)) else [self.levels])]
         if not levels or any(not _is_number(f, whole=True) or f < 1 for f in levels):
             raise InputError(f"stage {self.type}: levels must be whole shrink factors >= 1, got {self.levels}")
         self.levels = [int(f) for f in levels]
@@ -208,19 +233,19 @@ class StageConfig:
         would otherwise run, e.g. ``lr: -1`` climbs the loss and ``symmetric: "no"`` is true)."""
         where = f"stage {self.type}"
         if self.lr is not None:
-            _check_number(self.lr, "lr", where, above=True)
-        _check_number(self.control_spacing, "control_spacing (mm)", where, above=True)
-        _check_number(self.steps, "steps", where, whole=True)
-        _check_number(self.gradient_sigma, "gradient_sigma (voxels)", where)
-        _check_number(self.field_smoothing, "field_smoothing (voxels)", where)
-        _check_number(self.tolerance, "tolerance", where)
-        _check_number(self.patience, "patience", where, minimum=1, whole=True)
-        _check_bool(self.symmetric, "symmetric", where)
+            self.lr = _checked_number(self.lr, "lr", where, above=True)
+        self.control_spacing = _checked_number(self.control_spacing, "control_spacing (mm)", where, above=True)
+        self.steps = _checked_number(self.steps, "steps", where, whole=True)
+        self.gradient_sigma = _checked_number(self.gradient_sigma, "gradient_sigma (voxels)", where)
+        self.field_smoothing = _checked_number(self.field_smoothing, "field_smoothing (voxels)", where)
+        self.tolerance = _checked_number(self.tolerance, "tolerance", where)
+        self.patience = _checked_number(self.patience, "patience", where, minimum=1, whole=True)
+        self.symmetric = _checked_bool(self.symmetric, "symmetric", where)
         if not isinstance(self.regularisation, Mapping):
             raise InputError(f"{where}: regularisation must be a mapping {{name: weight}}")
         for name, value in self.regularisation.items():
             weight = value.get("weight", 1.0) if isinstance(value, Mapping) else value
-            _check_number(weight, f"regularisation {name} weight", where)
+            _checked_number(weight, f"regularisation {name} weight", where)
 
     def _check_losses(self) -> None:
         where = f"stage {self.type}"
@@ -250,7 +275,7 @@ class StageConfig:
         try:
             return _strict(StageConfig, {**data, **changes, "small_image": {}}, where)
         except InputError as e:
-            msg = str(e)
+            msg = str(e).replace(f"{where} ({self.type}): ", f"{where}: ", 1)
             raise InputError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
     def to_dict(self) -> dict:
@@ -304,10 +329,11 @@ class RegistrationConfig:
                              f"{', '.join(INITIALISATIONS)}")
         if not self.stages:
             raise InputError("a registration config needs at least one stage")
-        _check_number(self.small_image_size, "small_image_size (voxels)", "config")
-        _check_number(self.seed, "seed", "config", whole=True)
-        self.seed = int(self.seed)
-        _check_bool(self.crop_to_foreground, "crop_to_foreground", "config")
+        self.small_image_size = _checked_number(self.small_image_size, "small_image_size (voxels)", "config")
+        self.seed = _checked_number(self.seed, "seed", "config", minimum=-(2 ** 63), whole=True)
+        if self.seed >= 2 ** 64:  # torch.manual_seed's range
+            raise InputError(f"config: seed must be below 2**64, got {self.seed}")
+        self.crop_to_foreground = _checked_bool(self.crop_to_foreground, "crop_to_foreground", "config")
 
     def is_small(self, size: Sequence[int]) -> bool:
         """Whether an image of ``size`` voxels per axis runs the ``small_image`` settings."""
@@ -333,6 +359,8 @@ def _strict(cls, data: Mapping[str, Any], where: str):
     unknown = sorted(set(data) - names)
     if unknown:
         raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    if cls is StageConfig and "type" not in data:
+        raise InputError(f"{where}: a stage needs a type ({', '.join(STAGE_TYPES)})")
     try:
         return cls(**data)
     except InputError as exc:  # say which file and stage: "FILE: stage 2 (greedy): lr must be ..."

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 from medreg.core.errors import InputError
@@ -36,6 +37,23 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, *,
     return p
 
 
+def _config_loader():
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-3`` is a number (YAML 1.1, which PyYAML
+    follows, reads a float without a dot as text)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Loader
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     """A YAML config file as a mapping (empty file: ``{}``); a missing file or invalid YAML is
     an ``InputError`` naming the file."""
@@ -50,7 +68,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise InputError(f"{p}: not a YAML text file (binary content; an image given as the "
                          "config?)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_config_loader())
     except yaml.YAMLError as exc:
         raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is not None and not isinstance(data, dict):
@@ -70,6 +88,7 @@ def quiet_c_stderr(active: bool = True):
         yield
         return
     try:
+        sys.stderr.flush()  # what Python wrote before goes out; keep these blocks to C calls
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 2)
             yield

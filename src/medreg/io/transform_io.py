@@ -227,8 +227,16 @@ def _refuse_foreign_transform(p: Path, suffix: str) -> None:
     an elastix parameter file, a plain 4×4 matrix (FSL FLIRT and the like)."""
     with open(p, "rb") as fh:
         head = fh.read(4096)
+        # the HDF5 signature sits at 0 or after a user block of 512, 1024, 2048, ... bytes
+        offsets = [0] + [512 << k for k in range(20) if (512 << k) < p.stat().st_size]
+        signed = False
+        for off in offsets:
+            fh.seek(off)
+            if fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                signed = True
+                break
     if suffix in (".h5", ".hdf5"):
-        if not head.startswith(_HDF5_SIGNATURE):
+        if not signed:
             raise InputError(f"{p}: not an HDF5 file ({'empty' if not head else 'corrupt or another format'}); "
                              "an ITK .h5 transform starts with the HDF5 signature")
         return

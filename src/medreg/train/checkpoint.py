@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -183,11 +184,16 @@ def read_checkpoint(path_or_name: str | os.PathLike, device: str | torch.device 
     path = resolve_checkpoint(path_or_name)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is bad input
-        # (torch's own text suggests weights_only=False: unsafe advice for a file of unknown origin)
-        raise InputError(f"{path}: not a medreg checkpoint; give a .pt file written by "
-                         f"`medreg train` or a bundled model ({', '.join(bundled_models())})"
-                         ) from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "invalid load key" in text:
+            # not a checkpoint (torch's own text suggests weights_only=False: unsafe advice for a
+            # file of unknown origin)
+            raise InputError(f"{path}: not a medreg checkpoint; give a .pt file written by "
+                             f"`medreg train` or a bundled model ({', '.join(bundled_models())})"
+                             ) from None
+        raise InputError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
+                         f"{text.splitlines()[0] if text else ''})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(f"{path}: not a medreg checkpoint (no '{FORMAT}' marker); give a .pt "
                          f"file written by `medreg train` or a bundled model ({', '.join(bundled_models())})")

@@ -235,8 +235,12 @@ FOV_RATIO_WARN = 2.0
 def _warn_field_of_view(fixed: Image, grid: Any) -> None:
     """Warn when the model's grid sees only a small part of the fixed image (a crop model given
     a whole brain, or spacing in the wrong unit): the field outside it is the border's."""
+    import numpy as np
+
     seen = [n * s for n, s in zip(grid.size, grid.spacing)]
-    have = [n * s for n, s in zip(fixed.grid.size, fixed.grid.spacing)]
+    # the fixed image's extent along the model grid's axes (they may be another orientation)
+    edges = np.asarray(fixed.grid.direction) * (np.asarray(fixed.grid.size) * np.asarray(fixed.grid.spacing))
+    have = (np.abs(np.asarray(grid.direction).T @ edges).sum(1)).tolist()
     if max(h / max(v, 1e-9) for h, v in zip(have, seen)) > FOV_RATIO_WARN:
         mm = lambda e: "×".join(f"{x:.0f}" for x in e)  # noqa: E731
         warnings.warn(f"{fixed.name}: the model sees {mm(seen)} mm around the image centre, but "
