@@ -189,7 +189,7 @@ def test_overwrite_removes_the_earlier_runs_outputs(pair, tmp_path):
     (tmp_path / "tiny.yaml").write_text(SMALL_CONFIG.replace("[30]", "[3]").replace("[15]", "[2]"))
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("warped.nii.gz", "warped_labels.nii.gz", "qc.png"):  # an earlier run's, with labels
+    for name in ("warped.nii.gz", "warped_labels.nii.gz", "qc.png", "report.html"):  # an earlier run's
         (out / name).write_bytes(b"old")
     (out / "notes.txt").write_text("mine")
     res = run("register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", out, "--config",
@@ -197,5 +197,6 @@ def test_overwrite_removes_the_earlier_runs_outputs(pair, tmp_path):
     assert res.exit_code == 0, res.output
     # this run has no labels: the old warped labels must not sit beside its transform
     assert not (out / "warped_labels.nii.gz").exists()
+    assert not (out / "report.html").exists()  # `medreg report`'s page described the old run
     assert (out / "warped.nii.gz").read_bytes() != b"old" and (out / "qc.png").read_bytes() != b"old"
     assert (out / "notes.txt").read_text() == "mine"  # files that are not outputs are left alone

@@ -311,7 +311,7 @@ def save_result(result: RegistrationResult, outdir: str | os.PathLike, *, overwr
     paths = {name: out / name for name in OUTPUT_FILES}
     # an earlier run's outputs that this one does not write (its warped labels, its QC picture)
     # would sit beside this run's transform as if they belonged to it: remove them all first
-    for path in paths.values():
+    for path in [*paths.values(), out / "report.html"]:  # (`medreg report`'s page of that run)
         path.unlink(missing_ok=True)
     fixed = result.fixed
     transform = result.transform.to("cpu")
