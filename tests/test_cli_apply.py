@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from medreg.cli import main
 from medreg.core import Grid, Image
-from medreg.io import read_image, read_landmarks, write_image, write_landmarks, write_transform
+from medreg.io import (read_image, read_landmarks, read_named_landmarks, write_image, write_landmarks,
+                       write_transform)
 from medreg.transforms import RigidTransform, TranslationTransform
 
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "medreg" / "data"
@@ -153,6 +154,12 @@ def test_apply_several_transforms_in_itk_order(tiny):
     res = run("apply", tmp / "a.tfm", tmp / "r.h5", "--points", tmp / "o.csv", "-o", tmp / "back.csv", "--inverse")
     assert res.exit_code == 0
     assert torch.allclose(read_landmarks(tmp / "back.csv"), pts, atol=1e-9)
+    # named points keep their names (a CSV label column in, Slicer labels out)
+    write_landmarks(pts, tmp / "named.csv", names=["apex", "base"])
+    res = run("apply", tmp / "a.tfm", "--points", tmp / "named.csv", "-o", tmp / "named_out.fcsv")
+    assert res.exit_code == 0, res.output
+    moved, names = read_named_landmarks(tmp / "named_out.fcsv")
+    assert names == ["apex", "base"] and torch.allclose(moved, a(pts), atol=1e-9)
     res = run("apply", tmp / "a.tfm", tmp / "r.h5", tmp / "tiny.nii.gz", "-r", tmp / "tiny.nii.gz",
               "-o", tmp / "w.nii.gz", "--interpolation", "bspline")
     assert res.exit_code == 0

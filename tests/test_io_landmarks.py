@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medreg.core import Frame, InputError
-from medreg.io import read_landmarks, write_landmarks
+from medreg.io import read_landmarks, read_named_landmarks, write_landmarks
 
 POINTS = torch.tensor([[1.5, -2.25, 3.0], [-100.125, 0.1, 1e-7], [0.0, 7.0, -1204.5]],
                       dtype=torch.float64)
@@ -57,9 +57,23 @@ def test_fcsv_columns_line_is_honoured(tmp_path):
     assert read_landmarks(tmp_path / "cols.fcsv").tolist() == [[1.0, 2.0, 3.0]]
 
 
+@pytest.mark.parametrize("name", ["p.csv", "p.fcsv", "p.mrk.json"])
+def test_names_round_trip(tmp_path, name):
+    """Named landmarks (anatomical points, fiducials) keep their names through a write and a
+    read; a CSV name with a comma is quoted (Slicer's .fcsv has no quoting: a space there)."""
+    names = ["AC", "PC, left", "genu"]
+    write_landmarks(POINTS, tmp_path / name, names=names)
+    pts, back = read_named_landmarks(tmp_path / name)
+    assert torch.equal(pts, POINTS)
+    assert back == (["AC", "PC  left", "genu"] if name.endswith(".fcsv") else names)
+    with pytest.raises(InputError, match="2 names for 3 landmarks"):
+        write_landmarks(POINTS, tmp_path / ("again_" + name), names=names[:2])
+
+
 def test_csv_headers_extra_columns_and_ras(tmp_path):
     (tmp_path / "named.csv").write_text("label,x,y,z,comment\nA,1,2,3,first\nB,4,5,6,\n")
     assert read_landmarks(tmp_path / "named.csv").tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert read_named_landmarks(tmp_path / "named.csv")[1] == ["A", "B"]
     (tmp_path / "ras.csv").write_text("label,r,a,s\nA,1,2,3\n")
     assert read_landmarks(tmp_path / "ras.csv").tolist() == [[-1, -2, 3]]
     (tmp_path / "bare.csv").write_text("1,2,3\n4,5,6\n")

@@ -66,13 +66,13 @@ def load_transforms(paths: list[str]) -> SpatialTransform:
 @click.option("--fill", type=float, default=0.0, show_default=True, help="Value outside the input image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
 def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill, overwrite):
-    from medreg.io import (output_meta, read_image, read_landmarks, read_reference, write_image,
+    from medreg.io import (output_meta, read_image, read_named_landmarks, read_reference, write_image,
                            write_landmarks)
 
     out = check_output_path(output, overwrite, how="pass --overwrite")
     if points_path is not None:
         transform = load_transforms(list(args))
-        pts = read_landmarks(points_path).to(torch.float64)
+        pts, names = read_named_landmarks(points_path)
         if pts.shape[0] == 0:
             raise InputError(f"{points_path}: no landmarks in the file")
         if pts.shape[-1] != transform.ndim:
@@ -82,7 +82,7 @@ def apply_cmd(args, reference, output, points_path, interpolation, inverse, fill
             transform = transform.inverse()
         with torch.no_grad():
             mapped = warp_points(pts, transform.double())
-        write_landmarks(mapped, out, overwrite=overwrite)
+        write_landmarks(mapped, out, overwrite=overwrite, names=names)
         click.echo(f"mapped {pts.shape[0]} points → {out}")
         return
     if len(args) < 2:
