@@ -47,8 +47,8 @@ _REPEATABLE = ("iterations", "log_jacobian")
 
 
 def _plain(value: Any) -> Any:
-    """A numpy scalar or a one-element tensor as the Python number it holds (else ``value``)."""
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0 or type(value).__module__ == "numpy":
+    """A numpy scalar or a 0-d tensor as the Python number it holds (else ``value``)."""
+    if (hasattr(value, "item") and getattr(value, "ndim", None) == 0) or type(value).__module__ == "numpy":
         try:
             return value.item()
         except (AttributeError, ValueError):
@@ -78,9 +78,8 @@ def _checked_number(value: Any, name: str, where: str, *, minimum: float = 0.0, 
     ok = _is_number(value, whole) and (value > minimum if above else value >= minimum)
     if not ok:
         kind = "a whole number" if whole else "a number"
-        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and "e" in value.lower() else ""
         raise InputError(f"{where}: {name} must be {kind} {'>' if above else '>='} {minimum:g}, "
-                         f"got {value!r}{hint}")
+                         f"got {value!r}")
     return int(value) if whole else float(value)
 
 
