@@ -30,4 +30,6 @@ def load_preset(name: str) -> RegistrationConfig:
     """The :class:`RegistrationConfig` of preset ``name``."""
     import yaml
 
-    return config_from_dict(yaml.safe_load(preset_text(name)), f"preset {name}")
+    from medreg.io.paths import config_loader
+
+    return config_from_dict(yaml.load(preset_text(name), Loader=config_loader()), f"preset {name}")

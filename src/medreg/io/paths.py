@@ -37,7 +37,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, *,
     return p
 
 
-def _config_loader():
+def config_loader():
     """PyYAML's safe loader with YAML 1.2's floats: ``1e-3`` is a number (YAML 1.1, which PyYAML
     follows, reads a float without a dot as text)."""
     import re
@@ -68,7 +68,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise InputError(f"{p}: not a YAML text file (binary content; an image given as the "
                          "config?)") from None
     try:
-        data = yaml.load(text, Loader=_config_loader())
+        data = yaml.load(text, Loader=config_loader())
     except yaml.YAMLError as exc:
         raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is not None and not isinstance(data, dict):
