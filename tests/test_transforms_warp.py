@@ -1,9 +1,10 @@
 """Warping images, label maps and points: exactness and conventions."""
 
+import numpy as np
 import pytest
 import torch
 
-from medreg.core import Grid, Image
+from medreg.core import GeometryError, Grid, Image, InputError
 from medreg.transforms import (AffineTransform, DisplacementField, Identity, TranslationTransform,
                                warp_image, warp_labels, warp_points)
 
@@ -38,9 +39,11 @@ def test_identity_on_the_same_grid_is_a_copy_equal_to_the_sampled_result(oblique
     lab = Image(torch.randint(0, 5, (1, *g.shape), dtype=torch.int16), g, "l.nii.gz")
     wl = warp_labels(lab, Identity(3), g)
     assert wl.grid == g and wl.data.dtype == torch.int16 and torch.equal(wl.data, lab.data)
-    # a tensor whose shape is not the grid's is still resampled (no silent pass-through)
+    # a tensor whose shape is not its source grid's is refused (it was resampled as if it were
+    # on that grid: a silently wrong geometry), nothing passes through
     small = Grid(tuple(n // 2 for n in g.size), tuple(2 * s for s in g.spacing), g.origin, g.direction)
-    assert warp_image(img.detach(), Identity(3), small, small).shape[2:] == small.shape
+    with pytest.raises(GeometryError, match="a tensor on the source grid must be"):
+        warp_image(img.detach(), Identity(3), small, small)
 
 
 def test_integer_translation_shifts_array_exactly(oblique_grid3d):
@@ -224,3 +227,42 @@ def test_gradients_still_flow_through_warp_image(oblique_grid3d):
     assert out.requires_grad
     out.square().sum().backward()
     assert field.field.grad.abs().sum() > 0 and img.grad.abs().sum() > 0
+
+
+def test_warps_refuse_what_would_be_silently_wrong_and_keep_the_targets_header(tmp_path):
+    """From an audit of the Python API: integer points are mapped as float (a linear transform
+    cast its matrix to int), a tensor must have its source grid's shape, soft label warping puts
+    0 outside the moving image even without a label 0, non-transforms and numpy arrays get one
+    clear error, and an Image target gives the output that image's header."""
+    from medreg.io import read_image, write_image
+    from medreg.transforms import RigidTransform
+
+    g = Grid((12, 10, 8), (1.5, 1.0, 2.0), (4.0, -3.0, 2.0))
+    rigid = RigidTransform(3, rotation=[0.1, -0.2, 0.3], translation=[1.0, 2.0, 3.0],
+                           center=list(g.center()), dtype=torch.float64)
+    ints = torch.tensor([[10, 20, 30], [-5, 3, 12]])
+    assert torch.allclose(warp_points(ints, rigid), warp_points(ints.double(), rigid))
+    assert torch.allclose(warp_points([[10, 20, 30]], rigid), warp_points(ints[:1].double(), rigid))
+    img = Image(torch.rand(1, *g.shape), g, "img")
+    with pytest.raises(GeometryError, match=r"must be \(N, C, 8, 10, 12\)"):
+        warp_image(img.data.permute(0, 3, 2, 1)[None], rigid, g, g)  # x, y, z order
+    with pytest.raises(InputError, match="numpy array has no geometry"):
+        warp_image(img.data.numpy(), rigid, g)
+    with pytest.raises(InputError, match="must be a medreg transform"):
+        warp_image(img, torch.eye(4), g)
+    labels = Image(torch.randint(1, 4, (1, *g.shape), dtype=torch.int16), g, "labels")  # no 0
+    wide = g.pad(3)
+    soft = warp_labels(labels, Identity(3), wide, mode="soft")
+    near = warp_labels(labels, Identity(3), wide, mode="nearest")
+    assert int(soft.data[0, 0, 0, 0]) == 0 == int(near.data[0, 0, 0, 0])
+    # an Image target: its header (here MNI space codes from the file) comes with the output
+    import nibabel as nib
+
+    nii = nib.Nifti1Image(np.random.rand(*g.size).astype(np.float32), np.diag([1.5, 1.0, 2.0, 1.0]))
+    nii.set_sform(nii.affine, code=4)
+    nii.set_qform(nii.affine, code=4)
+    nib.save(nii, tmp_path / "mni.nii.gz")
+    fixed = read_image(tmp_path / "mni.nii.gz")
+    write_image(warp_image(img, rigid, fixed), tmp_path / "out.nii.gz")
+    out = nib.load(tmp_path / "out.nii.gz")
+    assert int(out.header["sform_code"]) == 4 and int(out.header["qform_code"]) == 4

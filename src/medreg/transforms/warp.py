@@ -71,7 +71,40 @@ def _source_points(transform: SpatialTransform, target: Grid, source: Grid,
     return transform.source_norm_points(target, source, dtype)
 
 
-def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid | None = None,
+def _checked_inputs(data: object, transform: object, target: object, source: Grid | None,
+                    what: str) -> tuple[Grid | None, Image | None]:
+    """Clear errors for what the warps cannot take; ``(target grid, target image or None)``."""
+    if not isinstance(transform, SpatialTransform):
+        raise InputError(f"{what}: the transform must be a medreg transform (e.g. "
+                         "AffineTransform.from_matrix(matrix) for a 4×4 matrix, read_transform(path) "
+                         f"for a file), got {type(transform).__name__}")
+    if not isinstance(data, (Image, Tensor)):
+        raise InputError(f"{what}: takes an Image or a (N, C, *shape) tensor, got "
+                         f"{type(data).__name__}; a numpy array has no geometry: wrap it as "
+                         "medreg.core.Image(torch.from_numpy(array), grid)")
+    if isinstance(data, Tensor) and source is not None:
+        expect = (source.ndim + 2, tuple(source.shape))
+        if data.dim() != expect[0] or tuple(data.shape[2:]) != expect[1]:
+            raise GeometryError(f"{what}: a tensor on the source grid must be (N, C, "
+                                f"{', '.join(map(str, source.shape))}) (array order of grid size "
+                                f"{source.size}), got {tuple(data.shape)}")
+    if isinstance(target, Image):  # its grid, and its header for the output
+        return target.grid, target
+    if target is not None and not isinstance(target, Grid):
+        raise InputError(f"{what}: target must be a Grid or an Image, got {type(target).__name__}")
+    return target, None
+
+
+def _with_header(out: Image, target_image: Image | None, values: Image | None) -> Image:
+    """``out`` carrying the target image's space (NIfTI codes, slice position) as a writer keeps it."""
+    if target_image is not None:
+        from medreg.io.images import output_meta
+
+        out.meta.update(output_meta(target_image, values))
+    return out
+
+
+def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid | Image | None = None,
                source: Grid | None = None, interpolation: Interpolation | str = "linear",
                padding: Padding | str = "zeros", fill: float = 0.0,
                precise: bool | None = None) -> Image | Tensor:
@@ -80,7 +113,8 @@ def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid 
     Args:
         image: an :class:`Image` (its grid is the source) or a ``(N, C, *source.shape)`` tensor.
         transform: fixed → moving map (world mm).
-        target: output grid (the fixed image's); default the source grid.
+        target: output grid (the fixed image's), or the fixed image itself (the output then
+            carries its header: NIfTI space codes, a 2D slice's position); default the source grid.
         source: the moving image's grid (required for tensors).
         interpolation: ``linear``, ``nearest`` or ``bspline`` (cubic B-spline, ITK's).
         padding: ``zeros`` (``fill`` outside), ``border`` or ``reflection``.
@@ -103,6 +137,8 @@ def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid 
     """
     interpolation = Interpolation.from_arg(interpolation)
     as_image = isinstance(image, Image)
+    target, target_image = _checked_inputs(image, transform, target, None if as_image else source,
+                                           "warp_image")
     if as_image:
         source = image.grid
         data = image.batch()
@@ -115,7 +151,7 @@ def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid 
             and tuple(data.shape[2:]) == tuple(target.shape)):
         # every output point is an input node, where each interpolation gives the node's value
         out = data.clone()
-        return Image(out[0], target, image.name) if as_image else out
+        return _with_header(Image(out[0], target, image.name), target_image, image) if as_image else out
     is_int = not (data.is_floating_point() or data.is_complex())
     padding = Padding.from_arg(padding)
     lattice = (precise is None and data.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -143,11 +179,11 @@ def warp_image(image: Image | Tensor, transform: SpatialTransform, target: Grid 
             out = out.clamp(info.min, info.max)
     out = out.to(data.dtype)
     if as_image:
-        return Image(out[0], target, image.name)
+        return _with_header(Image(out[0], target, image.name), target_image, image)
     return out
 
 
-def warp_labels(labels: Image | Tensor, transform: SpatialTransform, target: Grid | None = None,
+def warp_labels(labels: Image | Tensor, transform: SpatialTransform, target: Grid | Image | None = None,
                 source: Grid | None = None, mode: str = "nearest") -> Image | Tensor:
     """Resample a label map (integer) through ``transform``.
 
@@ -156,9 +192,12 @@ def warp_labels(labels: Image | Tensor, transform: SpatialTransform, target: Gri
             linearly, then the arg-max per voxel — smoother boundaries, labels never mixed).
 
     Returns:
-        Integer labels on ``target`` (same dtype as the input).
+        Integer labels on ``target`` (same dtype as the input); voxels outside the moving image
+        are 0.
     """
     as_image = isinstance(labels, Image)
+    target, target_image = _checked_inputs(labels, transform, target, None if as_image else source,
+                                           "warp_labels")
     data = labels.batch() if as_image else labels
     src = labels.grid if as_image else source
     if src is None:
@@ -183,20 +222,26 @@ def warp_labels(labels: Image | Tensor, transform: SpatialTransform, target: Gri
                 better = prob > best
                 best = torch.where(better, prob, best)
                 out = torch.where(better, torch.full_like(out, v), out)
-        if (values == 0).any():  # outside the moving image: background
-            out = torch.where(best > 0, out, torch.zeros_like(out))
+        # outside the moving image (no label reaches there): background, as nearest gives
+        out = torch.where(best > 0, out, torch.zeros_like(out))
     else:
         raise InputError(f"unknown label warping mode {mode!r}; choose nearest or soft")
     if as_image:
-        return Image(out[0], tgt, labels.name)
+        return _with_header(Image(out[0], tgt, labels.name), target_image, labels)
     return out
 
 
 def warp_points(points: Tensor, transform: SpatialTransform) -> Tensor:
     """Map fixed-space points ``(K, D)`` (world mm) into moving space: ``T(points)``.
 
-    To bring moving-space points into fixed space use ``transform.inverse()``.
+    To bring moving-space points into fixed space use ``transform.inverse()``. Integer
+    coordinates (and lists or numpy arrays) are taken as float64 mm.
     """
+    if not isinstance(transform, SpatialTransform):
+        raise InputError(f"warp_points: the transform must be a medreg transform, got {type(transform).__name__}")
+    if not isinstance(points, Tensor) or not points.is_floating_point():
+        # (a linear transform casts its matrix to the points' dtype: integer points truncated it)
+        points = torch.as_tensor(points).to(torch.float64)
     if points.dim() != 2 or points.shape[-1] != transform.ndim:
         raise GeometryError(f"points must be (K, {transform.ndim}), got {tuple(points.shape)}")
     return transform(points)
