@@ -177,7 +177,7 @@ def test_configs_reject_unknown_keys_and_presets_load():
     ({"patience": -3}, {}, "patience must be a whole number >= 1"),
     ({"type": "svf", "steps": 2.5}, {}, "steps must be a whole number"),
     ({"similarity": {"name": "nosuch"}}, {}, "unknown loss 'nosuch'"),
-    ({"similarity": {"name": "lncc", "window": "big"}}, {}, "wrong type"),
+    ({"similarity": {"name": "lncc", "window": "big"}}, {}, "window must be a number or one number per axis"),
     ({"optimizer": "sgd"}, {}, "unknown optimizer"),
     ({}, {"seed": "abc"}, "seed must be a whole number"),
     ({}, {"small_image_size": "64"}, "small_image_size (voxels) must be"),

@@ -33,6 +33,10 @@ def _load(x: Image | str | os.PathLike | None, what: str, label: bool = False) -
         return None
     if isinstance(x, Image):
         return x.with_data(x.data.detach())
+    if not isinstance(x, (str, os.PathLike)):
+        raise InputError(f"the {what}: expected a path or a medreg Image, got {type(x).__name__}; "
+                         "an array has no geometry: wrap it as medreg.core.Image(data, grid) "
+                         "(e.g. with the grid of the image it belongs to)")
     try:
         return read_image(x, label=label)
     except InputError as exc:  # say which input it was (a mask given an intensity image, ...)
@@ -78,8 +82,11 @@ def resolve_config(preset: str | None = "fast", config: RegistrationConfig | dic
         cfg = config
     elif isinstance(config, dict):
         cfg = config_from_dict(config)
-    else:
+    elif isinstance(config, (str, os.PathLike)):
         cfg = load_config(config)
+    else:
+        raise InputError(f"config must be a RegistrationConfig, a mapping or a YAML file path, got "
+                         f"{type(config).__name__} (a list of stages goes under the key 'stages')")
     return merge_overrides(cfg, **overrides) if overrides else cfg
 
 
@@ -159,7 +166,10 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu or cuda (cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but CUDA is not available on this machine")
     return dev

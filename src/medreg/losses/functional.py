@@ -43,6 +43,7 @@ Performance:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -308,7 +309,10 @@ def window_kernels(window: float | Sequence[float], d: int, *, kernel: str = "bo
     """
     kernel = check_choice(kernel, "window kernel", LNCC_KERNELS)
     window_unit = check_choice(window_unit, "window unit", WINDOW_UNITS)
-    widths = [float(window)] * d if isinstance(window, (int, float)) else [float(w) for w in window]
+    if isinstance(window, (str, bytes)) or (not isinstance(window, numbers.Real) and not (
+            isinstance(window, Sequence) and all(isinstance(w, numbers.Real) for w in window))):
+        raise InputError(f"window must be a number or one number per axis, got {window!r}")
+    widths = [float(window)] * d if isinstance(window, numbers.Real) else [float(w) for w in window]
     if len(widths) != d:
         raise InputError(f"window has {len(widths)} values for {d} spatial dimensions")
     for w in widths:

@@ -46,6 +46,10 @@ def to_jsonable(obj: Any) -> Any:
 
 def check_same_grid(a: Image, b: Image, what: str = "label maps") -> None:
     """Raise :class:`InputError` naming both files unless ``a`` and ``b`` share one grid."""
+    for x in (a, b):
+        if not hasattr(x, "grid"):
+            raise InputError(f"{what}: expected medreg Images (with their grids), got "
+                             f"{type(x).__name__}; wrap an array as medreg.core.Image(data, grid)")
     if a.grid.ndim != b.grid.ndim:
         raise InputError(f"{what} differ in dimension: {a.name} is {a.grid.ndim}D, "
                          f"{b.name} is {b.grid.ndim}D")

@@ -219,7 +219,11 @@ def label_metrics(fixed_labels: Image, warped_labels: Image, labels: Sequence[in
                              f"{warped_labels.name} contain only background (0)")
         labels = found
     else:
-        labels = [int(l) for l in labels]
+        if isinstance(labels, (int, float)) or (hasattr(labels, "ndim") and labels.ndim == 0):
+            labels = [labels]  # one label id
+        if isinstance(labels, str) or any(isinstance(v, str) or float(v) != int(v) for v in labels):
+            raise InputError(f"labels must be whole label ids (e.g. [1, 2]), got {labels!r}")
+        labels = [int(v) for v in labels]
         if not labels:
             raise InputError("the label list is empty; give at least one label id")
         if len(set(labels)) != len(labels):

@@ -69,6 +69,11 @@ def _strict(cls, data: Any, where: str, **extra: Any):
         return cls(**data, **extra)
     except TypeError as exc:  # a required key is missing
         raise InputError(f"{where}: {str(exc).split(') ', 1)[-1]}") from None
+    except InputError as exc:  # a section's own check names the section: add the file
+        msg, file = str(exc), where.split(": ", 1)[0]
+        if msg.startswith(file):
+            raise
+        raise InputError(f"{file}: {msg}") from None
 
 
 def _has_magic(path: str) -> bool:

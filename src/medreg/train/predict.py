@@ -14,6 +14,7 @@ compositional LNCC updates (default) or Adam steps on the model's own training l
 """
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -283,10 +284,10 @@ def predict_pair(net: torch.nn.Module, preprocess: Any, fixed: Image, moving: Im
         raise InputError(f"the model is {net.ndim}D but {fixed.name} is {fixed.ndim}D and "
                          f"{moving.name} is {moving.ndim}D; use a {fixed.ndim}D model")
     net.check_regularisation(regularisation)
-    if instance_steps < 0:
-        raise InputError(f"--instance-steps must be >= 0, got {instance_steps}")
-    if int(passes) < 1:
-        raise InputError(f"--passes must be >= 1, got {passes}")
+    for name, value, least in (("instance steps (--instance-steps)", instance_steps, 0),
+                               ("passes (--passes)", passes, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise InputError(f"{name} must be a whole number >= {least}, got {value!r}")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     init = initial_alignment(fixed, moving, initialisation)
