@@ -55,3 +55,12 @@ def test_training_config_errors_name_the_file(tmp_path):
                     "length: 4}}}\ntrain: {steps: 0}\n")
     with pytest.raises(InputError, match=f"^{path}: train: steps must be > 0"):
         load_train_config(path)
+
+
+def test_a_levels_override_says_which_per_level_setting_to_give_too():
+    from medreg.engine import load_preset, merge_overrides
+
+    with pytest.raises(InputError, match=r"iterations .* got \[50, 45\]; a levels override keeps"):
+        merge_overrides(load_preset("fast"), levels=[4, 2, 1])
+    cfg = merge_overrides(load_preset("fast"), levels=[4, 2, 1], iterations=5, log_jacobian=0.1)
+    assert cfg.stages[1].levels == [4, 2, 1] and cfg.stages[1].iterations == [5, 5, 5]

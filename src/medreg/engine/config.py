@@ -439,4 +439,11 @@ def merge_overrides(cfg: RegistrationConfig, **overrides: Any) -> RegistrationCo
                 _follow_in_small_image(s, key, value, key)
         else:
             raise InputError(f"unknown override {key!r}; valid: {', '.join(sorted(set(data) | stage_keys))}")
-    return config_from_dict(data, "overrides")
+    try:
+        return config_from_dict(data, "overrides")
+    except InputError as exc:
+        if "one per level" in str(exc) and any(k.endswith("levels") for k in overrides):
+            raise InputError(f"{exc}; a levels override keeps the stage's other per-level "
+                             "settings: give the one named (e.g. stage<i>_iterations=[...]) with "
+                             "one value per level too") from None
+        raise
