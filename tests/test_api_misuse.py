@@ -62,5 +62,5 @@ def test_a_levels_override_says_which_per_level_setting_to_give_too():
 
     with pytest.raises(InputError, match=r"iterations .* got \[50, 45\]; a levels override keeps"):
         merge_overrides(load_preset("fast"), levels=[4, 2, 1])
-    cfg = merge_overrides(load_preset("fast"), levels=[4, 2, 1], iterations=5, log_jacobian=0.1)
+    cfg = merge_overrides(load_preset("fast"), levels=[4, 2, 1], iterations=5, stage2_log_jacobian=0.1)
     assert cfg.stages[1].levels == [4, 2, 1] and cfg.stages[1].iterations == [5, 5, 5]
