@@ -64,3 +64,11 @@ def test_a_levels_override_says_which_per_level_setting_to_give_too():
         merge_overrides(load_preset("fast"), levels=[4, 2, 1])
     cfg = merge_overrides(load_preset("fast"), levels=[4, 2, 1], iterations=5, stage2_log_jacobian=0.1)
     assert cfg.stages[1].levels == [4, 2, 1] and cfg.stages[1].iterations == [5, 5, 5]
+
+
+def test_write_transform_of_a_matrix_says_how_to_make_a_transform(tmp_path):
+    from medreg.io import write_transform
+
+    with pytest.raises(InputError, match=r"takes a medreg transform, got ndarray; .*from_matrix"):
+        write_transform(np.eye(4), tmp_path / "t.tfm")
+    assert not (tmp_path / "t.tfm").exists()

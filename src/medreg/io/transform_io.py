@@ -183,6 +183,10 @@ def write_transform(transform: SpatialTransform, path: str | os.PathLike, *,
         overwrite: replace an existing file (otherwise :class:`InputError`).
     """
     p = Path(path)
+    if not isinstance(transform, SpatialTransform):
+        raise InputError(f"{p}: write_transform takes a medreg transform, got "
+                         f"{type(transform).__name__}; for a homogeneous matrix use "
+                         "AffineTransform.from_matrix(matrix)")
     suffix = file_suffix(p)
     check_output_path(p, overwrite)
     if suffix in LINEAR_SUFFIXES:
