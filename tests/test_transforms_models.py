@@ -102,6 +102,12 @@ def test_displacement_inverse_reports_residual(oblique_grid3d):
     assert inv.inverse_residual is not None and inv.inverse_residual < 1e-3
     err = compose_displacements(u, inv.field, g)[..., 3:-3, 3:-3, 3:-3]
     assert err.abs().max() < 1e-2
+    # a composite's inverse reports its numerical part's residual (linear parts are exact)
+    from medreg.transforms import Compose
+
+    both = Compose(AffineTransform(3, translation=[1.0, 0.0, 0.0], dtype=torch.float32), df).inverse()
+    assert both.inverse_residual == pytest.approx(df.inverse().inverse_residual)
+    assert Compose(AffineTransform(3), AffineTransform(3)).inverse().inverse_residual is None
 
 
 def test_jacobian_det_of_scaling_and_fold():

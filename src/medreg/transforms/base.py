@@ -189,6 +189,15 @@ class Compose(SpatialTransform):
     def inverse(self) -> "Compose":
         return Compose(*[t.inverse() for t in reversed(self.transforms)])
 
+    @property
+    def inverse_residual(self) -> float | None:
+        """The largest fixed-point residual (mm) of the parts that are numerical inverses
+        (:meth:`DisplacementField.inverse`), ``None`` when no part is one. Near the image border,
+        where the inverse needs points outside the field's grid, it can be several mm while the
+        interior is accurate to a fraction of a voxel."""
+        values = [v for t in self.transforms if (v := getattr(t, "inverse_residual", None)) is not None]
+        return max(values) if values else None
+
 
 def jacobian_det(transform: SpatialTransform, grid: Grid) -> Tensor:
     """Jacobian determinant of any transform on ``grid`` (central differences, world mm)."""
