@@ -350,3 +350,25 @@ def test_a_model_given_an_image_far_larger_than_its_grid_warns():
     with pytest.warns(UserWarning, match=r"the model sees 40×56×40 mm .* but the image spans 182×218×182 mm"):
         medreg.predict("hippocampus", BUNDLED / "mni152_t1_2mm.nii.gz", BUNDLED / "colin27_t1_2mm.nii.gz",
                        threads=1)
+
+
+def test_bundled_brain2d_model_sees_slices_the_same_way_up():
+    """The bundled 2D model puts every slice on its training orientation (LA), so the same slice
+    stored with x reversed gives the same registration (bundled Colin27 → MNI152 axial slices)."""
+    fixed3d, moving3d = read_image(BUNDLED / "mni152_t1_2mm.nii.gz"), read_image(BUNDLED / "colin27_t1_2mm.nii.gz")
+
+    def axial(img: Image) -> Image:  # the middle axial slice as a 2D LA image, 2 mm
+        k = img.grid.size[2] // 2
+        g = Grid(img.grid.size[:2], (2.0, 2.0), (0.0, 0.0), np.array([[1.0, 0.0], [0.0, -1.0]]))
+        data = img.data[:, k].float()
+        if img.grid.direction[0, 0] < 0:  # stored R→L: make x run to the left as LA says
+            data = data.flip(-1)
+        if img.grid.direction[1, 1] > 0:  # stored P→A in LPS y: make y run anterior
+            data = data.flip(-2)
+        return Image(data, g, img.name)
+
+    f, m = axial(fixed3d), axial(moving3d)
+    stored = medreg.predict("brain2d", f, m, threads=1)
+    flipped = medreg.predict("brain2d", _stored_flipped_x(f), m, threads=1)
+    a, b = stored.warped.data, flipped.warped.data.flip(-1)
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())

@@ -314,7 +314,7 @@ def write_landmarks(points: Tensor | np.ndarray | Sequence[Sequence[float]],
         path: output file; its folder must exist.
         overwrite: replace an existing file (``False``: raise instead).
         names: one name per point (CSV ``label`` column, Slicer labels; elastix point sets
-            cannot hold them).
+            cannot hold them, and in ``.fcsv``, which has no quoting, a comma becomes a space).
 
     Raises:
         InputError: bad shape, a name count that is not the point count, non-finite values, 2D points for a 3D-only format (Slicer),
