@@ -296,11 +296,12 @@ def check_outdir(outdir: str | os.PathLike, overwrite: bool) -> Path:
     """The output folder, checked before a registration runs: not a file, and without earlier
     registration outputs unless ``overwrite``."""
     from medreg.io.paths import file_suffix
+    from medreg.io.transform_io import FIELD_SUFFIXES, H5_SUFFIXES
 
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if not out.exists() and file_suffix(out) in (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".h5"):
+    if not out.exists() and file_suffix(out) in (*FIELD_SUFFIXES, *H5_SUFFIXES):  # image/transform names
         raise InputError(f"{out}: looks like a file name, but OUTDIR is the folder that receives "
                          f"{', '.join(OUTPUT_FILES)}; give a folder name")
     if out.exists() and any((out / f).exists() for f in OUTPUT_FILES) and not overwrite:

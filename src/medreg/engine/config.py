@@ -57,9 +57,8 @@ def _plain(value: Any) -> Any:
 
 
 def _is_number(value: Any, whole: bool = False) -> bool:
-    """A finite real number (Python, numpy or a 0-d tensor; not a bool, not a string); ``whole``:
-    with no fractional part."""
-    value = _plain(value)
+    """A finite real number (not a bool, not a string; numpy scalars and 0-d tensors pass
+    through :func:`_plain` first); ``whole``: with no fractional part."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
     try:

@@ -150,12 +150,11 @@ def _read_fcsv(path: Path, text: str) -> tuple[np.ndarray, str, list[str] | None
                                      "(expected RAS, LPS, IJK or 0, 1, 2)")
                 system = _FCSV_SYSTEMS[value.lower()]
             elif key == "columns":
-                names = [c.strip().lower() for c in value.split(",")]
-                if not all(a in names for a in "xyz"):
+                columns = [c.strip().lower() for c in value.split(",")]
+                if not all(a in columns for a in "xyz"):
                     raise InputError(f"{path}: the columns line names no x, y, z columns")
-                cols = [names.index(a) for a in "xyz"]
-                label = names.index("label") if "label" in names else None
-                names = []
+                cols = [columns.index(a) for a in "xyz"]
+                label = columns.index("label") if "label" in columns else None
             continue
         row = next(csv.reader([line]))
         if len(row) <= max(cols):

@@ -29,7 +29,7 @@ import torch
 from medreg.core.errors import GeometryError, InputError
 from medreg.core.grid import Grid
 from medreg.core.image import Image
-from medreg.io.images import grid_from_sitk, nifti_affine_from_grid, set_sitk_geometry, write_image
+from medreg.io.images import _reason, grid_from_sitk, nifti_affine_from_grid, set_sitk_geometry, write_image
 from medreg.io.paths import check_output_path, file_suffix, quiet_c_stderr
 from medreg.transforms import (AffineTransform, BSplineTransform, Compose, DisplacementField,
                                LinearTransform, SpatialTransform, StationaryVelocityField,
@@ -215,7 +215,7 @@ def read_transform(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
         return read_displacement(p, dtype)
     _refuse_foreign_transform(p, suffix)
     try:
-        with quiet_c_stderr(suffix in (".h5", ".hdf5")):  # HDF5 prints its error stack itself
+        with quiet_c_stderr(suffix in H5_SUFFIXES):  # HDF5 prints its error stack itself
             tx = sitk.ReadTransform(str(p))
     except RuntimeError as exc:
         raise InputError(f"{p}: cannot read as an ITK transform ({_itk_reason(exc)}); expected "
@@ -231,19 +231,15 @@ def _refuse_foreign_transform(p: Path, suffix: str) -> None:
     an elastix parameter file, a plain 4×4 matrix (FSL FLIRT and the like)."""
     with open(p, "rb") as fh:
         head = fh.read(4096)
-        # the HDF5 signature sits at 0 or after a user block of 512, 1024, 2048, ... bytes
-        offsets = [0] + [512 << k for k in range(20) if (512 << k) < p.stat().st_size]
-        signed = False
-        for off in offsets:
-            fh.seek(off)
-            if fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
-                signed = True
-                break
-    if suffix in (".h5", ".hdf5"):
-        if not signed:
+        if suffix in H5_SUFFIXES:
+            # the HDF5 signature sits at 0 or after a user block of 512, 1024, 2048, ... bytes
+            size = p.stat().st_size
+            for off in [0] + [512 << k for k in range(20) if (512 << k) < size]:
+                fh.seek(off)
+                if fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                    return
             raise InputError(f"{p}: not an HDF5 file ({'empty' if not head else 'corrupt or another format'}); "
                              "an ITK .h5 transform starts with the HDF5 signature")
-        return
     if b"(Transform " in head or b"(TransformParameters " in head:
         raise InputError(f"{p}: an elastix parameter file is not supported; export the transform "
                          "with transformix (-def all) as a displacement field and give that")
@@ -258,13 +254,13 @@ def _refuse_foreign_transform(p: Path, suffix: str) -> None:
 
 
 def _itk_reason(exc: BaseException) -> str:
-    """The first line of ITK's error text after ``ITK ERROR: Class(0x...):``."""
+    """The first line of ITK's error text after ``ITK ERROR: Class(0x...):`` (else
+    :func:`medreg.io.images._reason`'s last line)."""
     for line in str(exc).splitlines():
         if "ITK ERROR:" in line:
             text = line.split("ITK ERROR:", 1)[1].strip()
             return text.split("): ", 1)[1] if "): " in text else text
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    return _reason(exc)
 
 
 def read_displacement(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> DisplacementField:

@@ -283,6 +283,14 @@ def ncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, *, squared: b
     return reduce_batch(value.mean(1), reduction)
 
 
+def check_window_type(window: object) -> None:
+    """An ``InputError`` unless ``window`` is a number or a sequence of numbers (a string is a
+    sequence too: ``"9"`` would be one width)."""
+    if isinstance(window, (str, bytes)) or (not isinstance(window, numbers.Real) and not (
+            isinstance(window, Sequence) and all(isinstance(w, numbers.Real) for w in window))):
+        raise InputError(f"window must be a number or one number per axis, got {window!r}")
+
+
 def window_kernels(window: float | Sequence[float], d: int, *, kernel: str = "box",
                    spacing: Sequence[float] | float | Grid | None = None,
                    window_unit: str = "voxel", dtype: torch.dtype = torch.float32,
@@ -309,9 +317,7 @@ def window_kernels(window: float | Sequence[float], d: int, *, kernel: str = "bo
     """
     kernel = check_choice(kernel, "window kernel", LNCC_KERNELS)
     window_unit = check_choice(window_unit, "window unit", WINDOW_UNITS)
-    if isinstance(window, (str, bytes)) or (not isinstance(window, numbers.Real) and not (
-            isinstance(window, Sequence) and all(isinstance(w, numbers.Real) for w in window))):
-        raise InputError(f"window must be a number or one number per axis, got {window!r}")
+    check_window_type(window)
     widths = [float(window)] * d if isinstance(window, numbers.Real) else [float(w) for w in window]
     if len(widths) != d:
         raise InputError(f"window has {len(widths)} values for {d} spatial dimensions")

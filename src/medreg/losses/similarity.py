@@ -119,12 +119,11 @@ class LNCC(SimilarityLoss):
         self.window = window
         self.squared = bool(squared)
         self.eps = L._check_positive(eps, "eps", allow_zero=True)
-        if isinstance(window, (str, bytes)):  # (a str is a Sequence: "9" would be one value)
-            raise InputError(f"window must be a number or one number per axis, got {window!r}")
         if self.window_unit == "voxel":  # validate early (mm windows need the spacing)
             L.window_kernels(window, 3 if not isinstance(window, Sequence) else len(window),
                              kernel=self.kernel)
         else:
+            L.check_window_type(window)
             for w in ([window] if not isinstance(window, Sequence) else window):
                 L._check_positive(w, "window")
 

@@ -178,6 +178,10 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     return p
 
 
+def _what_to_give() -> str:
+    return f"give a .pt file written by `medreg train` or a bundled model ({', '.join(bundled_models())})"
+
+
 def read_checkpoint(path_or_name: str | os.PathLike, device: str | torch.device = "cpu"
                     ) -> tuple[dict[str, Any], Path]:
     """The raw checkpoint dict (``weights_only`` load) and its resolved path."""
@@ -189,14 +193,11 @@ def read_checkpoint(path_or_name: str | os.PathLike, device: str | torch.device 
         if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "invalid load key" in text:
             # not a checkpoint (torch's own text suggests weights_only=False: unsafe advice for a
             # file of unknown origin)
-            raise InputError(f"{path}: not a medreg checkpoint; give a .pt file written by "
-                             f"`medreg train` or a bundled model ({', '.join(bundled_models())})"
-                             ) from None
+            raise InputError(f"{path}: not a medreg checkpoint; {_what_to_give()}") from None
         raise InputError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
                          f"{text.splitlines()[0] if text else ''})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise InputError(f"{path}: not a medreg checkpoint (no '{FORMAT}' marker); give a .pt "
-                         f"file written by `medreg train` or a bundled model ({', '.join(bundled_models())})")
+        raise InputError(f"{path}: not a medreg checkpoint (no '{FORMAT}' marker); {_what_to_give()}")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(f"{path}: written by a newer medreg ({state.get('medreg_version')}); "
                          "upgrade medreg to read it")
