@@ -11,6 +11,7 @@ import torch
 import medreg
 from medreg.core import Grid, Image, InputError
 from medreg.metrics import label_metrics
+from medreg.transforms import warp_image
 
 
 @pytest.fixture
@@ -72,3 +73,16 @@ def test_write_transform_of_a_matrix_says_how_to_make_a_transform(tmp_path):
     with pytest.raises(InputError, match=r"takes a medreg transform, got ndarray; .*from_matrix"):
         write_transform(np.eye(4), tmp_path / "t.tfm")
     assert not (tmp_path / "t.tfm").exists()
+
+
+def test_a_registration_returns_a_fixed_transform(blob):
+    """Using the result builds no autograd graph (it kept the optimiser's trainable parameters,
+    so every warp of a script held the graph of its coordinates in memory)."""
+    moved = Image(torch.roll(blob.data, 2, dims=-1), blob.grid, "moved")
+    r = medreg.register(blob, moved, config={"stages": [
+        {"type": "affine", "levels": [1], "iterations": 5},
+        {"type": "greedy", "levels": [1], "iterations": 3}]}, quiet=True)
+    assert [p for p in r.transform.parameters() if p.requires_grad] == []
+    field = r.transform.displacement(blob.grid)
+    assert not field.requires_grad
+    assert not warp_image(moved, r.transform, blob).data.requires_grad

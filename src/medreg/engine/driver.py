@@ -326,9 +326,18 @@ def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
         rest = [d.inverse() for d in reversed(deformations[:-1])]
         inverse = Compose(inverse, *rest, linear.inverse())
     runtime = time.perf_counter() - t0
+    total, inverse = _frozen(total), _frozen(inverse)
     with torch.no_grad():
         warped = warp_image(moving.to(torch.float32), total, fixed.grid, interpolation="linear")
     return RegistrationResult(total, warped, fixed, moving, config, history, runtime, inverse)
+
+
+def _frozen(t: SpatialTransform | None) -> SpatialTransform | None:
+    """The result as a fixed transform: applying it builds no autograd graph (a user who wants
+    to optimise it further sets ``requires_grad_(True)`` on its parameters)."""
+    if t is not None:
+        t.requires_grad_(False)
+    return t
 
 
 def _run_discrete(si: int, nstages: int, stage: StageConfig, fixed: Image, moving: Image,
