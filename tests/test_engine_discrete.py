@@ -314,3 +314,40 @@ def test_callable_features_and_prefix(slice2d):
     assert calls
     head = slice2d.data[0] > 0.1 * float(slice2d.data.max())
     assert float(est.field.norm(dim=1)[0][head].mean()) < 0.5 * min(slice2d.grid.spacing)
+
+
+# ----------------------------------------------------------------------------- ties and radius
+def test_exact_ties_go_to_the_zero_shift(slice2d):
+    """Where every candidate costs the same (zero background, outside the fixed mask) the field
+    stays at zero: the first of the tied labels was the search box's corner (−r, −r), which
+    the coupling then kept (a self-registration moved the background by 10 mm)."""
+    big = slice2d.grid.pad(20)
+    data = torch.zeros(1, *big.shape)
+    data[0, 20:-20, 20:-20] = slice2d.data[0]
+    padded = Image(data, big, "padded slice")
+    params = DiscreteParams(feature_factor=2, radius_mm=12, io_iterations=0)
+    vox = min(big.spacing)
+    n = run_discrete(padded, padded, None, params).forward.field.norm(dim=1) / vox
+    assert float(n.amax()) < 0.25 and float(n.mean()) < 0.05  # was 5.7 and 3.5 voxels
+    mask = torch.zeros_like(data)
+    mask[0, 40:80, 40:70] = 1
+    n = run_discrete(padded, padded, None, params,
+                     fixed_mask=Image(mask, big, "mask")).forward.field.norm(dim=1) / vox
+    assert float(n.amax()) < 0.25 and float(n.mean()) < 0.05  # was 5.7 and 5.1 voxels
+
+
+def test_search_radius_is_a_whole_number_of_steps(volume):
+    """The radius allows a downsampled grid's spacing a little above nominal (Colin27's y axis:
+    109 voxels of 2 mm shrunk 4× are 8.07 mm, and ±16 mm lost a step along it); an axis whose one
+    step exceeds the radius is not searched, with a warning; an error when none is left."""
+    coarse = volume.grid.downsample(4)
+    assert max(coarse.spacing) > 8.0
+    plan = search_plan(coarse, 16.0)
+    assert plan.radius == (2, 2, 2)
+    assert float(plan.offsets_mm.abs().amax(0).min()) > 15.5  # x, z: 2 × 7.91 mm
+    thick = Grid((12, 10, 8), (4.0, 4.0, 20.0))
+    with pytest.warns(UserWarning, match=r"no search along z \(20 mm\).*step_mm to at most 16"):
+        plan = search_plan(thick, 16.0)
+    assert plan.radius == (4, 4, 0) and float(plan.offsets_mm[:, 2].abs().amax()) == 0
+    with pytest.raises(InputError, match="longer than the search radius"):
+        search_plan(thick, 3.0)

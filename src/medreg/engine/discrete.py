@@ -43,6 +43,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -119,7 +120,7 @@ class DiscreteParams:
         feature_pool: compute the features on a grid ``feature_pool`` times finer than the one
             they are needed on and average them over blocks (1: compute them there).
         radius_mm: search radius in mm: candidates ``|u_a| <= radius_mm`` along each axis of
-            the fixed grid (a box).
+            the fixed grid (a box; a whole number of steps, see :func:`search_plan`).
         step_mm: candidate spacing in mm; default (None) the coarse grid's spacing. It is
             rounded per axis to the coarse spacing divided or multiplied by a whole number.
         cost_radius: half-width (coarse voxels) of a box filter smoothing each candidate's cost
@@ -194,7 +195,7 @@ class DiscreteParams:
             self.step_mm = _number(self.step_mm, "step_mm", low=0, strict=True)
             if self.step_mm > self.radius_mm:
                 raise InputError(f"discrete: step_mm ({self.step_mm:g}) is larger than radius_mm "
-                                 f"({self.radius_mm:g}): there would be a single candidate")
+                                 f"({self.radius_mm:g}): the zero shift would be the only candidate")
         self.cost_radius = _number(self.cost_radius, "cost_radius", low=0, integer=True)
         self.mean_field = _number(self.mean_field, "mean_field", low=0, integer=True)
         self.mean_field_weight = _number(self.mean_field_weight, "mean_field_weight", low=0)
@@ -292,14 +293,23 @@ class SearchPlan:
         return _shifted(x, (0,) * self.coarse.ndim, self.pad, self.stride, self.coarse.shape)
 
 
+#: a candidate step may be this much longer than ``radius_mm`` / k and still give k steps
+RADIUS_SLACK = 0.1
+
+
 def search_plan(coarse: Grid, radius_mm: float, step_mm: float | None = None) -> SearchPlan:
     """Candidates within ``radius_mm`` (per axis) quantised in ``step_mm`` on ``coarse``.
 
     Per axis, the step is the coarse spacing divided (``stride``) or multiplied (``multiple``)
-    by the nearest whole number, so every candidate is a whole shift on the search grid.
+    by the nearest whole number, so every candidate is a whole shift on the search grid. The
+    radius is a whole number of those steps, allowing a step up to :data:`RADIUS_SLACK` longer
+    than ``radius_mm`` divides into (a downsampled grid's spacing is rarely its nominal one:
+    Colin27's 109 voxels at 2 mm shrunk 4× give 8.07 mm, and ±16 mm still means ±2 steps). An
+    axis whose one step is longer than that is not searched (a warning says so); an error when
+    no axis is left.
     """
-    stride, multiple, radius = [], [], []
-    for sp in coarse.spacing:
+    stride, multiple, radius, skipped = [], [], [], []
+    for ax, sp in enumerate(coarse.spacing):
         step = sp if step_mm is None else float(step_mm)
         if step <= sp:
             r, m = max(1, int(round(sp / step))), 1
@@ -307,7 +317,18 @@ def search_plan(coarse: Grid, radius_mm: float, step_mm: float | None = None) ->
             r, m = 1, max(1, int(round(step / sp)))
         stride.append(r)
         multiple.append(m)
-        radius.append(max(1, int(math.floor(radius_mm / (sp / r * m) + 1e-6))))
+        radius.append(int(math.floor(radius_mm / (sp / r * m) * (1 + RADIUS_SLACK))))
+        if radius[-1] == 0:
+            skipped.append(f"{'xyz'[ax]} ({sp / r * m:.3g} mm)")
+    if len(skipped) == len(radius):
+        raise InputError(f"discrete: one candidate step ({', '.join(skipped)}) is longer than the "
+                         f"search radius ({radius_mm:g} mm): raise radius_mm, or lower step_mm or "
+                         f"feature_factor")
+    if skipped:
+        warnings.warn(f"discrete: no search along {', '.join(skipped)}: one candidate step there is "
+                      f"longer than the search radius ({radius_mm:g} mm); set step_mm to at most "
+                      f"{radius_mm:g} to search it (the stages after it still refine that axis)",
+                      stacklevel=2)
     fine = [sp / r for sp, r in zip(coarse.spacing, stride)]
     pad = [k * m for k, m in zip(radius, multiple)]
     size = [(n - 1) * r + 1 + 2 * p for n, r, p in zip(coarse.size, stride, pad)]
@@ -600,8 +621,9 @@ def _box_neighbours(lattice: Tensor, window: int) -> tuple[Tensor, Tensor, Tenso
 
 
 def _max_first(e: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``e.max(1, keepdim=True)`` with the first maximal index, for ``(N, L, V)`` (``labels``:
-    ``arange(L)`` as int32 ``(1, L, 1)``, made here when not given).
+    """``e.max(1, keepdim=True)`` with the maximal index of lowest ``labels`` value, for
+    ``(N, L, V)`` (``labels``: a rank per index as int32 ``(1, L, 1)``, ``arange(L)`` when not
+    given; the rank is returned, not the index).
 
     On CPU ``max``/``argmax`` with indices over a non-innermost dimension run about 20× slower
     than ``amax`` (a per-voxel scalar loop instead of a vectorised sweep); an ``amax``, a compare
@@ -639,7 +661,12 @@ def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None,
         ub1 = torch.cat([ubar, torch.ones_like(ubar[:, :1])], 1)
     qt1 = torch.cat([q.T, torch.ones(1, nl, dtype=q.dtype, device=q.device)], 0)
     qt1 = qt1.unsqueeze(0).expand(n, d + 1, nl)
-    labels = torch.arange(nl, dtype=torch.int32, device=cost.device).view(1, nl, 1)
+    # exact ties (flat background, masked-out voxels, a one-slice axis) go to the shortest
+    # candidate: ranks by |q|, so the arg-min is the zero shift there, not the search box's corner
+    order = torch.sort(q.square().sum(1), stable=True).indices
+    labels = torch.empty(nl, dtype=torch.int32, device=cost.device)
+    labels[order] = torch.arange(nl, dtype=torch.int32, device=cost.device)
+    labels = labels.view(1, nl, 1)
     local = window >= 0 and lattice is not None
     box = _box_neighbours(lattice, window) if local else None
     u = torch.empty((n, d, vox), dtype=cost.dtype, device=cost.device)
@@ -655,6 +682,7 @@ def _softmin_expectation(cost: Tensor, a: float, q: Tensor, ubar: Tensor | None,
         if extra is not None:
             e.add_(extra[:, :, v0:v1])
         top, arg = _max_first(e, labels)
+        arg = order[arg]
         if box is not None:
             # only the (2w+1)^D neighbours of the arg-min: gather them, no pass over all labels
             dl, dlat, (lo, ext) = box
