@@ -131,7 +131,7 @@ class DiscreteParams:
         mean_field_weight: exponent of the neighbours' message in the mean-field update.
         mean_field_radius: half-width (coarse voxels) of the mean-field neighbourhood.
         coupling: increasing coupling weights ``λ`` of the convex optimisation (in units of the
-            mean cost per squared step); empty: the (smoothed) softargmin only.
+            mean cost per squared step); empty: the softargmin only (not smoothed).
         smooth_sigma: Gaussian σ (coarse voxels) of the spatial smoothing between couplings.
         temperature: softmin temperature (in units of the mean cost): smaller is closer to a
             hard arg-min; the expectation gives sub-step displacements.
@@ -778,10 +778,15 @@ def convex_optimise(cost: Tensor, offsets_mm: Tensor, grid: Grid, params: Discre
                 e.sub_(e.amax(1, keepdim=True)).clamp_(min=-80.0).exp_()
                 prob[:, :, v0:v1] = e.div_(e.sum(1, keepdim=True))
             del e
-            msg = box_filter(prob.reshape(n, nl, *shape), params.mean_field_radius)
-            del prob
-            extra = msg.reshape(n, nl, vox).clamp_min_(1e-6).log_().mul_(params.mean_field_weight)
-            del msg
+            extra = None  # spent: freed before the filter, so two volumes at most are alive
+            # the next message: the probabilities box-filtered in place, a few labels at a time
+            grid_view = prob.view(n, nl, *shape)
+            lchunk = max(1, nl * vchunk // vox)
+            for l0 in range(0, nl, lchunk):
+                part = grid_view[:, l0:l0 + lchunk]
+                part.copy_(box_filter(part, params.mean_field_radius))
+            extra = prob.clamp_min_(1e-6).log_().mul_(params.mean_field_weight)
+            del prob, grid_view, part
 
     # integer lattice coordinates of the candidates (steps along the grid's axes)
     along = off @ grid.matrix("world", "index", dtype=torch.float64, device=dev)[:d, :d].T
@@ -924,10 +929,12 @@ def _resample(field_: Tensor, source: Grid, target: Grid) -> Tensor:
     return resample_field(field_, source, target)
 
 
-def _mask_on(mask: Image | None, transform: SpatialTransform, target: Grid) -> Tensor | None:
+def _mask_on(mask: Image | None, transform: SpatialTransform, target: Grid,
+             device: torch.device) -> Tensor | None:
+    """A mask's 0/1 weights resampled on ``target`` through ``transform``, on ``device``."""
     if mask is None:
         return None
-    data = (mask.batch() != 0).to(torch.float32)
+    data = (mask.batch() != 0).to(device=device, dtype=torch.float32)
     with torch.no_grad():
         return warp_image(data, transform, target, mask.grid, padding="zeros", precise=False)
 
@@ -949,8 +956,8 @@ def _refine(fdata: Tensor, fgrid: Grid, mdata: Tensor, mgrid: Grid, prefix: Spat
     f_io = feature_maps(fdata, fgrid, p, io_pad if v is not None else io, ident)
     f_io_c = f_io[crop_t] if v is not None else f_io
     m_io = feature_maps(mdata, mgrid, p, io_pad, prefix)
-    fw_io = _mask_on(fixed_mask, ident, io_pad)
-    mw_io = _mask_on(moving_mask, prefix, io_pad)
+    fw_io = _mask_on(fixed_mask, ident, io_pad, fdata.device)
+    mw_io = _mask_on(moving_mask, prefix, io_pad, fdata.device)
     stats["io_features_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     u = instance_optimise(f_io_c, m_io, _resample(u, src, io), io, io_pad, p,
@@ -1006,8 +1013,8 @@ def run_discrete(fixed: Image, moving: Image, prefix: SpatialTransform | None = 
     f_search = feature_maps(fdata, fixed.grid, p, plan.search, ident)
     m_search = feature_maps(mdata, moving.grid, p, plan.search, prefix)
     stats["features_s"] = round(time.perf_counter() - t0, 3)
-    fw_search = _mask_on(fixed_mask, ident, plan.search)
-    mw_search = _mask_on(moving_mask, prefix, plan.search)
+    fw_search = _mask_on(fixed_mask, ident, plan.search, dev)
+    mw_search = _mask_on(moving_mask, prefix, plan.search, dev)
 
     # ---- cost volume(s) and regularised optimum
     def solve(a_search: Tensor, b_search: Tensor, aw: Tensor | None, bw: Tensor | None,
