@@ -204,8 +204,29 @@ def test_a_level_too_coarse_for_the_image_is_a_warning():
     yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(20.0), indexing="ij")
     fixed = Image(torch.exp(-((yy - 12) ** 2 + (xx - 10) ** 2) / 40)[None], g, "crop")
     cfg = {"initialisation": "none", "stages": [{"type": "affine", "levels": [8, 1], "iterations": 2}]}
-    with pytest.warns(UserWarning, match=r"stage 1 \(affine\), level 1/8: crop is only \d×\d voxels"):
-        medreg.register(fixed, fixed, config=cfg)
+    with pytest.warns(UserWarning, match=r"crop is too small along x \(20 voxels; level 1/8\), "
+                                         r"y \(24 voxels; level 1/8\).*keep 4 voxels"):
+        r = medreg.register(fixed, fixed, config=cfg)
+    assert r.history[0]["factor"] == 8  # run on a 4 × 4 grid, not 2 × 3
+
+
+def test_a_thick_slice_volume_keeps_its_slices_on_coarse_levels():
+    """A 64 × 64 × 5 volume of 1 × 1 × 6 mm slices through `fast` (levels 1/4, 1/2): the shrink is
+    capped along z, so the greedy levels keep 4–5 slices (at 1/4 they had one, and the force's
+    finite differences stopped with a RuntimeError from torch). The in-plane shift is found."""
+    g = Grid((64, 64, 5), (1.0, 1.0, 6.0))
+    zz, yy, xx = torch.meshgrid(torch.arange(5.0), torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    blob = torch.exp(-((xx - 30) ** 2 + (yy - 34) ** 2) / 120 - (zz - 2) ** 2 / 8)
+    blob = blob + 0.5 * torch.exp(-((xx - 42) ** 2 + (yy - 24) ** 2) / 40)
+    fixed = Image(blob[None], g, "thick fixed")
+    truth = AffineTransform(3, translation=[2.0, -1.5, 0.0], trainable=False, dtype=torch.float64)
+    moving = warp_image(fixed, truth.inverse(), g)
+    with pytest.warns(UserWarning, match=r"too small along z \(5 voxels; level 1/4\)"):
+        r = medreg.register(fixed, Image(moving.data, g, "thick moving"), "fast", iterations=20)
+    centre = torch.tensor([[30.0, 34.0, 12.0]], dtype=torch.float64)
+    with torch.no_grad():
+        err = (r.transform(centre) - truth(centre)).norm()
+    assert float(err) < 0.5
 
 
 def test_config_numbers_from_numpy_torch_and_yaml_are_accepted_as_plain_numbers(tmp_path):
@@ -587,3 +608,39 @@ def test_a_cropped_level_keeps_the_whole_levels_lncc(slice2d):
     assert float((cropped - whole).abs().max()) < 1e-3 * scale
     plain = force(sim, fixed.batch()[cut], warped[cut])[inner]
     assert float((plain - whole).abs().max()) > 1e-2 * scale
+
+
+def test_a_cropped_greedy_level_with_nothing_of_the_moving_image_in_it(slice2d):
+    """The moving image's content lies outside the fixed image's foreground box (no
+    initialisation): the crop's warped image is constant, there is no force, and the level runs
+    (the crop's variance ratio divided by zero)."""
+    g = slice2d.grid.pad(40)
+    fixed = Image(torch.nn.functional.pad(slice2d.data, (40, 40, 40, 40)), g, "padded slice")
+    far = Grid(g.size, g.spacing, (g.origin[0] + 400.0, g.origin[1]), g.direction)
+    moving = Image(fixed.data, far, "far away")
+    stage = {"type": "greedy", "levels": [2], "iterations": [3], "similarity": {"name": "lncc"}}
+    r = medreg.register(fixed, moving, config={"initialisation": "none", "stages": [stage]})
+    assert r.history[-1]["cropped_to"] is not None and r.history[-1]["loss_first"] == 0.0
+    assert float(r.displacement().abs().max()) == 0.0
+
+
+def test_the_crop_margin_covers_the_reach_of_the_lncc_force():
+    """The force on the warped image at ``x`` comes from windows centred up to a kernel radius
+    away, each seeing the fixed image another radius away: with a 9-voxel box it is non-zero 8
+    voxels from the fixed image's foreground (the margin counted 5)."""
+    from medreg.engine.driver import CROP_EXTRA_VOXELS, _crop_margin
+    from medreg.losses import functional as L
+
+    n, c = 41, 20
+    fixed = torch.zeros(1, 1, n, n)
+    fixed[0, 0, c, c] = 1.0  # a one-voxel foreground
+    warped = torch.rand(1, 1, n, n, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    L.lncc(fixed, warped, window=9).backward()
+    g = warped.grad[0, 0].abs()
+    # (beyond the windows only the images' global standardisation couples voxels, ~1/N)
+    reach = (g > 1e-4 * g.max()).nonzero().sub(c).abs().amax()
+    assert int(reach) == 8
+    stage = config_from_dict({"stages": [{"type": "greedy", "levels": [1], "gradient_sigma": 1.7,
+                                          "similarity": {"name": "lncc", "window": 9}}]}).stages[0]
+    assert stage.field_smoothing == 0
+    assert _crop_margin(stage, Grid((n, n), (1.0, 1.0))) == 8 + 6 + CROP_EXTRA_VOXELS

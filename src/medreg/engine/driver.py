@@ -29,7 +29,8 @@ from medreg.engine.adam import Adam
 from medreg.engine.config import RegistrationConfig, StageConfig, build_regularisers, build_similarity
 from medreg.engine.initialise import initial_transform
 from medreg.engine.progress import Progress
-from medreg.engine.pyramid import pyramid_level, resample_field
+from medreg.engine.pyramid import MIN_LEVEL_VOXELS, level_factors, pyramid_level, resample_field
+from medreg.losses.functional import window_kernels
 from medreg.transforms import (AffineTransform, BSplineTransform, Compose, DisplacementField,
                                LinearTransform, RigidTransform, SimilarityTransform,
                                SpatialTransform, StationaryVelocityField, TranslationTransform,
@@ -251,23 +252,24 @@ def _optimise(params: list[nn.Parameter], closure: Callable[[], Tensor], stage: 
 
 
 # ------------------------------------------------------------------ the driver
-#: fewer voxels than this along an axis of a pyramid level leave nothing to register there
-MIN_LEVEL_VOXELS = 4
-
-
 def _warn_tiny_levels(stages: list[StageConfig], fixed: Image) -> None:
-    """A warning for each shrink factor that leaves the fixed image under
-    :data:`MIN_LEVEL_VOXELS` along an axis (e.g. ``levels: [64]`` on a 40-voxel crop runs and
-    changes nothing)."""
-    for i, stage in enumerate(stages):
+    """One warning when a pyramid level's shrink is capped along an axis (see
+    :func:`~medreg.engine.pyramid.level_factors`): e.g. ``levels: [64]`` on a 40-voxel crop, or
+    the few slices of a thick-slice volume, which keep :data:`MIN_LEVEL_VOXELS` voxels."""
+    capped: dict[int, int] = {}  # axis -> the largest level factor capped there
+    for stage in stages:
         if stage.type == "discrete":
             continue  # its own feature grid (discrete.feature_factor)
         for f in stage.levels:
-            shrunk = fixed.grid.downsample(f).size
-            if min(shrunk) < MIN_LEVEL_VOXELS:
-                warnings.warn(f"stage {i + 1} ({stage.type}), level 1/{f}: {fixed.name} is only "
-                              f"{'×'.join(map(str, shrunk))} voxels there, too few to register; "
-                              "use smaller shrink factors (levels)", stacklevel=3)
+            for ax, fa in enumerate(level_factors(fixed.grid, f)):
+                if fa < f:
+                    capped[ax] = max(capped.get(ax, 0), int(f))
+    if capped:
+        axes = ", ".join(f"{'xyz'[ax]} ({fixed.grid.size[ax]} voxels; level 1/{f})"
+                         for ax, f in sorted(capped.items()))
+        warnings.warn(f"{fixed.name} is too small along {axes} for the pyramid's shrink: those "
+                      f"levels keep {MIN_LEVEL_VOXELS} voxels (or all there are) along that axis",
+                      stacklevel=3)
 
 
 def run_registration(fixed: Image, moving: Image, config: RegistrationConfig, *,
@@ -370,14 +372,14 @@ CROP_EXTRA_VOXELS = 2
 
 def _crop_margin(stage: StageConfig, grid: Grid) -> int:
     """Voxels of ``grid`` (a level) around the foreground in which a greedy stage's forces can be
-    non-zero: the LNCC window's reach (half a box, a whole window for a Gaussian one) plus the
-    Gaussian radii (3σ) of the update and field smoothing."""
+    non-zero: the LNCC window's reach plus the Gaussian radii (3σ) of the update and field
+    smoothing. The force at ``x`` comes from the windows centred within a kernel radius of ``x``,
+    and each sees the fixed image another radius away: the reach is twice the kernel's radius
+    (8 voxels for a 9-voxel box)."""
     spec = stage.similarity
-    window = spec.get("window", 9)
-    widest = max(window) if isinstance(window, (list, tuple)) else float(window)
-    if spec.get("window_unit", "voxel") == "mm":
-        widest /= min(grid.spacing)
-    reach = math.ceil(widest if spec.get("kernel", "box") == "gaussian" else widest / 2)
+    kernels = window_kernels(spec.get("window", 9), grid.ndim, kernel=spec.get("kernel", "box"),
+                             spacing=grid.spacing, window_unit=spec.get("window_unit", "voxel"))
+    reach = max(2 * (k.numel() // 2) for k in kernels)
     radius = sum(math.ceil(3 * s) for s in (stage.gradient_sigma, stage.field_smoothing))
     return reach + radius + CROP_EXTRA_VOXELS
 
@@ -432,8 +434,10 @@ def _crop_similarity(sim: nn.Module, spec: dict, whole: _Level, box: tuple[list[
         return sim
     cut = _box_slices(box)
     fixed = whole.fixed.batch()
-    ratio = (float(fixed.var()) * float(warped.var())
-             / (float(fixed[cut].var()) * float(warped[cut].var())))
+    inside = float(fixed[cut].var()) * float(warped[cut].var())
+    if not inside > 0:  # the warped moving image is constant over the crop: no force anywhere
+        return sim
+    ratio = float(fixed.var()) * float(warped.var()) / inside
     return build_similarity({**spec, "eps": float(sim.eps) * ratio}).to(fixed.device)
 
 
