@@ -482,6 +482,11 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
                      else absorbed.displacement(grid).to(device=dev, dtype=torch.float32))
         else:
             u = resample_field(u, u_grid, grid)
+            if absorbed is not None:  # the absorbed field's detail finer than the last level's
+                with torch.no_grad():
+                    fine = absorbed.displacement(grid).to(device=dev, dtype=torch.float32)
+                    coarse = absorbed.displacement(u_grid).to(device=dev, dtype=torch.float32)
+                    u = u + fine - resample_field(coarse, u_grid, grid)
         if stage.symmetric:
             a = torch.zeros_like(u) if a is None else resample_field(a, u_grid, grid)
         u_grid = grid
