@@ -425,3 +425,13 @@ def test_float32_large_offsets_are_stable():
     ct = 1000.0 * f - 1000.0
     v = L.lncc(ct, 2 * ct + 500.0, window=5)
     assert v.item() == pytest.approx(-1.0, abs=1e-4)
+
+
+def test_lncc_eps_must_be_positive():
+    """``eps: 0`` made every window flat in both images 0/0: the registration stopped with a
+    NaN loss blamed on the images."""
+    f = torch.zeros(1, 1, 12, 12)
+    f[..., 4:8, 4:8] = 1.0
+    with pytest.raises(InputError, match=r"lncc eps .* must be finite and > 0, got 0"):
+        L.lncc(f, f, eps=0)
+    assert torch.isfinite(L.lncc(f, f, eps=1e-12))

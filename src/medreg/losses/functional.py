@@ -369,7 +369,7 @@ def lncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, *,
         squared: average ``cc²`` (default, as VoxelMorph, MONAI and ANTs' CC; invariant to the
             sign of the contrast) or the signed ``cc``.
         eps: added to ``var_f·var_w`` in standardised units (voxels whose windows are flat in
-            either image contribute ≈ 0).
+            either image contribute ≈ 0); must be > 0.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Returns:
@@ -377,7 +377,7 @@ def lncc(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, *,
     """
     d = _check_pair(fixed, warped)
     mask = _check_mask(mask, fixed)
-    eps = _check_positive(eps, "eps", allow_zero=True)
+    eps = _check_positive(eps, "lncc eps (a window flat in both images would give 0/0)")
     kernels = window_kernels(window, d, kernel=kernel, spacing=spacing, window_unit=window_unit,
                              dtype=fixed.dtype, device=fixed.device)
     f, w = _fold(fixed), _fold(warped)
