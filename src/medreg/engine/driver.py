@@ -471,22 +471,23 @@ def _run_greedy(si: int, nstages: int, stage: StageConfig, fixed: Image, moving:
     u: Tensor | None = None
     a: Tensor | None = None  # symmetric: midpoint → fixed (u is then midpoint → moving)
     u_grid: Grid | None = None
+    sampled: Tensor | None = None  # the absorbed field on the last level's grid
     for li, factor in enumerate(stage.levels):
         sigma = None if stage.smoothing is None else stage.smoothing[li]
         whole = _prepare_level(fixed, moving, fixed_mask, moving_mask, factor, sigma, cache)
         grid = whole.fixed.grid
         dev = whole.fixed.data.device
-        if u is None:
+        if absorbed is not None:
             with torch.no_grad():
-                u = (torch.zeros(1, grid.ndim, *grid.shape, device=dev) if absorbed is None
-                     else absorbed.displacement(grid).to(device=dev, dtype=torch.float32))
+                here = absorbed.displacement(grid).to(device=dev, dtype=torch.float32)
+        if u is None:
+            u = torch.zeros(1, grid.ndim, *grid.shape, device=dev) if absorbed is None else here.clone()
         else:
             u = resample_field(u, u_grid, grid)
             if absorbed is not None:  # the absorbed field's detail finer than the last level's
-                with torch.no_grad():
-                    fine = absorbed.displacement(grid).to(device=dev, dtype=torch.float32)
-                    coarse = absorbed.displacement(u_grid).to(device=dev, dtype=torch.float32)
-                    u = u + fine - resample_field(coarse, u_grid, grid)
+                u = u + here - resample_field(sampled, u_grid, grid)
+        if absorbed is not None:
+            sampled = here
         if stage.symmetric:
             a = torch.zeros_like(u) if a is None else resample_field(a, u_grid, grid)
         u_grid = grid
